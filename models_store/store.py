@@ -1,0 +1,330 @@
+"""ModelStore: one folder per model id holding manifest.json and ckpt-NNNNNN.safetensors files.
+
+Writers stream (one checkpoint in memory at a time) and make every step atomic, so a crash
+mid-training leaves a readable prefix of the trajectory. Readers stream checkpoints in order
+with a one-ahead background prefetch. Safetensors only: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from ._atomic import fsync_dir, write_atomic
+from .codec import ENCODINGS, decode_checkpoint, encode_checkpoint
+from .errors import (
+    CorruptCheckpoint,
+    MalformedManifest,
+    MissingCheckpoint,
+    ModelExists,
+    ModelNotFound,
+    StoreError,
+)
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointInfo, Manifest, validate_model_id
+
+log = logging.getLogger(__name__)
+
+
+def default_store_root() -> Path:
+    """Store root from $SURFING_MODELS_DIR, else ./data/models (relative to the cwd)."""
+    return Path(os.environ.get("SURFING_MODELS_DIR") or "./data/models")
+
+
+def checkpoint_file_name(index: int) -> str:
+    """Files are named by position in the trajectory, so names sort in training order."""
+    return f"ckpt-{index:06d}.safetensors"
+
+
+def select_indices(n: int, stride: int = 1) -> list[int]:
+    """Every stride-th index of range(n), plus the last: surfing must end on the final net."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    indices = list(range(0, n, stride))
+    if n and indices[-1] != n - 1:
+        indices.append(n - 1)
+    return indices
+
+
+@dataclass
+class Checkpoint:
+    """One point of the trajectory: position in the manifest, training step, weights."""
+
+    index: int
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+
+def _dump_manifest(manifest: Manifest) -> bytes:
+    # allow_nan=False: manifests are read by other tools too, so keep them strict JSON.
+    return (json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n").encode()
+
+
+class TrajectoryWriter:
+    """Appends checkpoints to a model created by ModelStore.create(); use it as a context manager.
+
+    Leaving the `with` block normally marks the manifest complete; leaving it by an exception
+    keeps complete=False, with every checkpoint added so far still readable.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder = folder
+        self._manifest = manifest
+        self._closed = False
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as last written to disk."""
+        return self._manifest
+
+    def add(self, step: int, tensors: Mapping[str, torch.Tensor]) -> CheckpointInfo:
+        """Write one checkpoint file atomically, then the manifest that lists it."""
+        if self._closed:
+            raise StoreError(f"model {self._manifest.model_id!r}: writer is already closed")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        done = self._manifest.checkpoints
+        if done and step <= done[-1].step:
+            raise ValueError(f"steps must increase: got {step} after {done[-1].step}")
+        index = len(done)
+        encoded = encode_checkpoint(self._manifest.encoding, tensors)
+        meta = {"model_id": self._manifest.model_id, "index": str(index), "step": str(step)}
+        data = safetensors.torch.save(encoded, metadata=meta)
+        del encoded
+        name = checkpoint_file_name(index)
+        write_atomic(self.folder / name, data)
+        info = CheckpointInfo(step, name, hashlib.sha256(data).hexdigest(), len(data))
+        self._write_manifest(replace(self._manifest, checkpoints=[*done, info]))
+        return info
+
+    def close(self) -> None:
+        """Mark the trajectory complete: readers may treat it as a finished model."""
+        if self._closed:
+            return
+        self._write_manifest(replace(self._manifest, complete=True))
+        self._closed = True
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        write_atomic(self.folder / MANIFEST_NAME, _dump_manifest(manifest))
+        self._manifest = manifest  # only after it is safely on disk
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True  # leave complete=False: the run did not finish
+
+
+class ModelStore:
+    """Trajectory storage rooted at one folder; stateless, so safe to share between threads."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, model_id: str) -> Path:
+        """Folder of a model (validated id; the folder may not exist)."""
+        return self.root / validate_model_id(model_id)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def create(
+        self,
+        model_id: str,
+        *,
+        arch: dict[str, Any],
+        latent_dim: int,
+        output_shape: list[int],
+        value_range: list[float],
+        training: dict[str, Any],
+        dataset: str,
+        encoding: str = "fp32",
+        overwrite: bool = False,
+    ) -> TrajectoryWriter:
+        """Start a new trajectory; the folder appears (with an empty manifest) in one rename."""
+        folder = self.path(model_id)
+        if folder.exists() and not overwrite:
+            raise ModelExists(
+                f"model {model_id!r} already exists in {self.root} "
+                "(delete it or pass overwrite=True)"
+            )
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+        d = {
+            "model_id": model_id,
+            "format_version": FORMAT_VERSION,
+            "arch": arch,
+            "latent_dim": latent_dim,
+            "output_shape": list(output_shape),
+            "value_range": list(value_range),
+            "training": training,
+            "dataset": dataset,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "complete": False,
+            "checkpoints": [],
+            "encoding": encoding,
+        }
+        try:
+            manifest = Manifest.from_dict(json.loads(json.dumps(d, allow_nan=False)))
+        except (TypeError, ValueError, MalformedManifest) as e:
+            raise ValueError(f"cannot create model {model_id!r}: {e}") from e
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".creating-{model_id}-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            write_atomic(staging / MANIFEST_NAME, _dump_manifest(manifest))
+            if overwrite and folder.exists():
+                self._remove(folder)
+            try:
+                os.rename(staging, folder)  # fails if a non-empty folder appeared meanwhile
+            except OSError as e:
+                raise ModelExists(f"model {model_id!r} already exists in {self.root}") from e
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(self.root)
+        return TrajectoryWriter(folder, manifest)
+
+    def delete(self, model_id: str) -> None:
+        """Remove a model; it disappears from listings at once (rename first, then rmtree)."""
+        folder = self.path(model_id)
+        if not folder.is_dir():
+            raise ModelNotFound(f"model {model_id!r} not found in {self.root}")
+        self._remove(folder)
+
+    def _remove(self, folder: Path) -> None:
+        trash = self.root / f".deleting-{folder.name}-{uuid.uuid4().hex[:12]}"
+        os.rename(folder, trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def manifest(self, model_id: str) -> Manifest:
+        """Load and validate a model's manifest."""
+        folder = self.path(model_id)
+        if not folder.is_dir():
+            raise ModelNotFound(f"model {model_id!r} not found in {self.root}")
+        path = folder / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise MalformedManifest(f"model {model_id!r}: {path} is missing") from None
+        except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decode errors
+            raise MalformedManifest(f"model {model_id!r}: cannot read {path}: {e}") from None
+        try:
+            manifest = Manifest.from_dict(raw)
+        except MalformedManifest as e:
+            raise MalformedManifest(f"model {model_id!r}: {e}") from None
+        if manifest.model_id != model_id:
+            raise MalformedManifest(
+                f"model {model_id!r}: manifest names model {manifest.model_id!r}"
+            )
+        return manifest
+
+    def list_models(self) -> list[Manifest]:
+        """Valid manifests sorted by id; broken folders are skipped with a logged warning."""
+        if not self.root.is_dir():
+            return []
+        manifests = []
+        for entry in sorted(self.root.iterdir(), key=lambda p: p.name):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # staging/trash folders and stray files are not models
+            try:
+                manifests.append(self.manifest(entry.name))
+            except ModelNotFound:
+                continue  # deleted while we were listing
+            except StoreError as e:
+                log.warning("models store %s: skipping %r: %s", self.root, entry.name, e)
+        return manifests
+
+    def load(self, model_id: str, index: int, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Weights of one checkpoint; negative indices count from the end (-1 = final net)."""
+        manifest = self.manifest(model_id)
+        n = len(manifest.checkpoints)
+        if not -n <= index < n:
+            raise IndexError(f"model {model_id!r} has {n} checkpoints, no index {index}")
+        return self._read_checkpoint(manifest, index % n, verify).tensors
+
+    def checkpoints(
+        self, model_id: str, stride: int = 1, prefetch: bool = True, verify: bool = True
+    ) -> Iterator[Checkpoint]:
+        """Stream checkpoints in training order (see select_indices for the stride rule).
+
+        With prefetch, a single background thread reads (and hash-checks) the next checkpoint
+        while the caller works on the current one. Errors about the model itself (unknown id,
+        bad manifest, bad stride) are raised here, not at the first next().
+        """
+        manifest = self.manifest(model_id)
+        indices = select_indices(len(manifest.checkpoints), stride)
+
+        def read(i: int) -> Checkpoint:
+            return self._read_checkpoint(manifest, i, verify)
+
+        if prefetch:
+            return _prefetched(read, indices)
+        return (read(i) for i in indices)
+
+    def _read_checkpoint(self, manifest: Manifest, index: int, verify: bool) -> Checkpoint:
+        info = manifest.checkpoints[index]
+        path = self.root / manifest.model_id / info.file
+        where = f"model {manifest.model_id!r} checkpoint {index} ({info.file})"
+        try:
+            if verify:
+                data = path.read_bytes()
+                if len(data) != info.bytes:
+                    raise CorruptCheckpoint(
+                        f"{where}: {len(data)} bytes on disk, manifest says {info.bytes}"
+                    )
+                if hashlib.sha256(data).hexdigest() != info.sha256:
+                    raise CorruptCheckpoint(f"{where}: sha256 does not match the manifest")
+                raw = safetensors.torch.load(data)
+            else:
+                raw = safetensors.torch.load_file(path)
+        except FileNotFoundError:
+            raise MissingCheckpoint(f"{where}: file {path} is missing") from None
+        except SafetensorError as e:
+            raise CorruptCheckpoint(f"{where}: not a readable safetensors file: {e}") from None
+        return Checkpoint(index, info.step, decode_checkpoint(manifest, index, raw))
+
+
+def _prefetched(read: Callable[[int], Checkpoint], indices: list[int]) -> Iterator[Checkpoint]:
+    """Yield read(i) for each index while the next one loads on a worker thread.
+
+    The pool is created on the first next() and always shut down (joined) in `finally`, so a
+    consumer that stops early and closes (or drops) the generator leaves no thread behind.
+    """
+    if not indices:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models_store-prefetch")
+    try:
+        pending = pool.submit(read, indices[0])
+        for nxt in indices[1:]:
+            current = pending.result()
+            pending = pool.submit(read, nxt)
+            yield current
+        yield pending.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

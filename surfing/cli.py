@@ -1,0 +1,221 @@
+"""`surfing` command line: train, invert, experiment, models, serve, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _store(args: argparse.Namespace):  # -> ModelStore (import kept local for start-up speed)
+    from models_store import ModelStore, default_store_root
+
+    return ModelStore(args.models_dir or default_store_root())
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from surfing.data import load_fashion_mnist
+    from surfing.train import TrainConfig, save_sample_grid, train
+    from surfing.trajectory import final_generator
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg = TrainConfig(
+        method=args.method,
+        latent_dim=args.latent_dim,
+        epochs=args.epochs,
+        every=args.every,
+        width=args.width,
+        lr=args.lr,
+        seed=args.seed,
+        max_steps=args.max_steps,
+    )
+    store = _store(args)
+    images, _ = load_fashion_mnist("train", args.data_dir)
+    summary = train(cfg, store, args.id, images=images, device=args.device)
+    manifest = store.manifest(args.id)
+    size = sum(c.bytes for c in manifest.checkpoints)
+    G = final_generator(store, args.id)
+    torch.manual_seed(cfg.seed)
+    prior = (
+        torch.randn(64, cfg.latent_dim)
+        if cfg.method == "vae"
+        else torch.rand(64, cfg.latent_dim) * 2 - 1
+    )
+    grid = Path(args.samples or store.root / args.id / "samples.png")
+    save_sample_grid(G, prior, grid)
+    print(
+        json.dumps(
+            {
+                "model_id": args.id,
+                "steps": summary["steps"],
+                "seconds": round(summary["seconds"], 1),
+                "checkpoints": len(manifest.checkpoints),
+                "bytes_on_disk": size,
+                "samples": str(grid),
+            },
+            indent=2,
+        )
+    )
+
+
+def cmd_invert(args: argparse.Namespace) -> None:
+    from surfing.images import load_png, to_png
+    from surfing.measure import gaussian_matrix, measure
+    from surfing.solvers import direct, surf, uniform_latents
+    from surfing.trajectory import final_generator, generators
+
+    store = _store(args)
+    manifest = store.manifest(args.model)
+    h, w = manifest.output_shape[-2:]
+    y = load_png(args.image, (h, w)).unsqueeze(0)
+    n = y[0].numel()
+    A = gaussian_matrix(args.seed, args.measurements, n) if args.measurements else None
+    b = measure(y, A)
+    x0 = uniform_latents(1, manifest.latent_dim, args.seed)
+    results = {}
+    if args.method in ("surf", "both"):
+        stages = generators(store, args.model, stride=args.stride)
+        results["surf"] = surf(
+            stages, b, x0, A, steps=args.steps, lr=args.lr, final_steps=args.final_steps
+        )
+    G = final_generator(store, args.model)
+    if args.method in ("adam", "both"):
+        results["adam"] = direct(G, b, x0, A, steps=args.direct_steps, lr=args.lr)
+    out = Path(args.out or Path(args.image).with_suffix("").as_posix() + ".recon.png")
+    for name, res in results.items():
+        with torch.no_grad():
+            recon = G(res.x)
+        pixel_error = float((recon - y).pow(2).sum() / n)
+        path = out if len(results) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
+        to_png(recon[0], path)
+        print(
+            json.dumps(
+                {
+                    "method": name,
+                    "latent": [round(v, 6) for v in res.x[0].tolist()],
+                    "objective": float(res.objective[0]),
+                    "pixel_error": pixel_error,
+                    "generator_evals": res.evals,
+                    "reconstruction": str(path),
+                }
+            )
+        )
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    store = _store(args)
+    if args.action == "list":
+        for m in store.list_models():
+            state = "complete" if m.complete else "partial"
+            print(
+                f"{m.model_id:32s} {m.training.get('method', '?'):8s} k={m.latent_dim:<3d} "
+                f"{len(m.checkpoints):5d} checkpoints  {state}"
+            )
+    else:
+        print(json.dumps(store.manifest(args.id).to_dict(), indent=2))
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from surfing.experiments import EXPERIMENTS
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    EXPERIMENTS[args.name].run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from app.main import serve
+
+    serve(host=args.host, port=args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.main import run_worker
+
+    run_worker(burst=args.burst)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from surfing.experiments import EXPERIMENTS
+    from surfing.train import METHODS
+
+    p = argparse.ArgumentParser(prog="surfing", description=__doc__)
+    p.add_argument(
+        "--models-dir", help="trajectory store (default $SURFING_MODELS_DIR or ./data/models)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a generator, recording its checkpoint trajectory")
+    t.add_argument("--method", choices=METHODS, required=True)
+    t.add_argument("--latent-dim", type=int, required=True)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--every", type=int, default=40, help="record a checkpoint every N steps")
+    t.add_argument("--id", required=True, help="model id for the trajectory")
+    t.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = paper size)")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--data-dir", help="Fashion-MNIST IDX folder")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--samples", help="where to write the sample grid PNG")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("invert", help="invert one image with a stored trajectory (no server)")
+    i.add_argument("image", help="target PNG")
+    i.add_argument("--model", required=True)
+    i.add_argument("--method", choices=["surf", "adam", "both"], default="surf")
+    i.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
+    i.add_argument("--seed", type=int, default=0, help="seed of A and of x_init")
+    i.add_argument("--steps", type=int, default=20, help="Adam steps per surfing stage")
+    i.add_argument("--final-steps", type=int, default=1000, help="Adam steps on the last network")
+    i.add_argument("--direct-steps", type=int, default=2000, help="Adam steps for --method adam")
+    i.add_argument("--lr", type=float, default=0.01)
+    i.add_argument("--stride", type=int, default=1, help="use every j-th checkpoint")
+    i.add_argument("--out", help="reconstruction PNG path")
+    i.set_defaults(func=cmd_invert)
+
+    e = sub.add_parser("experiment", help="reproduce a paper experiment")
+    e.add_argument("--threads", type=int)
+    esub = e.add_subparsers(dest="name", required=True)
+    for name, exp in EXPERIMENTS.items():
+        ep = esub.add_parser(name, help=exp.help)
+        exp.add_arguments(ep)
+    e.set_defaults(func=cmd_experiment)
+
+    m = sub.add_parser("models", help="list or show stored trajectories")
+    msub = m.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    show = msub.add_parser("show")
+    show.add_argument("id")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser(
+        "serve", help="run the HTTP API (embedded SQLite + in-process runner by default)"
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL and DATABASE_URL)")
+    w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    w.set_defaults(func=cmd_worker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from models_store import StoreError
+    from surfing.data import DatasetMissing
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (StoreError, DatasetMissing, ValueError) as exc:
+        print(f"surfing: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Networks: the InfoGAN-style generator the paper inverts, its discriminator/critic and VAE
+encoder, and the expansive ReLU network of the paper's theory section."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _w(base: int, width: float) -> int:
+    """Scaled channel count; the width multiplier lets tests use a tiny network."""
+    return max(1, round(base * width))
+
+
+class InfoGANGenerator(nn.Module):
+    """z(k) -> FC 1024 -> FC 128*7*7 -> ConvT 64 -> ConvT 1 -> sigmoid (Chen et al. 2016)."""
+
+    def __init__(self, latent_dim: int, width: float = 1.0) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        h1, c1, c2 = _w(1024, width), _w(128, width), _w(64, width)
+        self.c1 = c1
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, h1),
+            nn.BatchNorm1d(h1),
+            nn.ReLU(),
+            nn.Linear(h1, c1 * 7 * 7),
+            nn.BatchNorm1d(c1 * 7 * 7),
+            nn.ReLU(),
+        )
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(c1, c2, 4, 2, 1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(c2, 1, 4, 2, 1),
+            nn.Sigmoid(),
+        )
+        init_normal(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.fc(z).view(-1, self.c1, 7, 7))
+
+
+class ConvTrunk(nn.Module):
+    """Mirror of the generator: Conv 64 s2 -> Conv 128 s2 (+norm) -> FC 1024 (+norm) -> FC out.
+
+    `out_dim` = 1 gives the GAN discriminator / WGAN critic, 2k the VAE encoder (mean, log-var).
+    `norm=False` drops batch norm, which the gradient penalty of WGAN-GP requires.
+    """
+
+    def __init__(self, out_dim: int, width: float = 1.0, norm: bool = True) -> None:
+        super().__init__()
+        c1, c2, h = _w(64, width), _w(128, width), _w(1024, width)
+
+        def bn(layer: type[nn.Module], n: int) -> nn.Module:
+            return layer(n) if norm else nn.Identity()
+
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(c1, c2, 4, 2, 1),
+            bn(nn.BatchNorm2d, c2),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, h),
+            bn(nn.BatchNorm1d, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, out_dim),
+        )
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """DCGAN initialisation: weights N(0, 0.02), batch-norm scales N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+class ExpansiveReLUNet(nn.Module):
+    """G(x) = V relu(W_d ... relu(W_1 x + b_1) ... + b_d), the network of Theorem 3.1.
+
+    Entries of W_i and b_i are N(0, 1/n_i) (n_i = width of layer i), V is N(0, 1/n).
+    """
+
+    def __init__(self, latent_dim: int, hidden: list[int], out_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        dims = [latent_dim, *hidden]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.V = nn.Linear(dims[-1], out_dim, bias=False)
+        with torch.no_grad():
+            for layer in self.layers:
+                std = 1.0 / math.sqrt(layer.out_features)
+                layer.weight.normal_(0.0, std)
+                layer.bias.normal_(0.0, std)
+            self.V.weight.normal_(0.0, 1.0 / math.sqrt(out_dim))
+
+    def hidden_pre_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Pre-activations of every hidden layer: they define the linear piece x lies on."""
+        pre = []
+        for layer in self.layers:
+            z = layer(x)
+            pre.append(z)
+            x = torch.relu(z)
+        return pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.V(x)
+
+
+def build_generator(arch: dict[str, Any]) -> nn.Module:
+    """Generator from the `arch` dict stored in a trajectory manifest."""
+    kind = arch.get("kind")
+    if kind == "infogan":
+        return InfoGANGenerator(int(arch["latent_dim"]), float(arch.get("width", 1.0)))
+    if kind == "relu":
+        return ExpansiveReLUNet(int(arch["latent_dim"]), list(arch["hidden"]), int(arch["out_dim"]))
+    raise ValueError(f"unknown generator kind {kind!r} (expected 'infogan' or 'relu')")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,260 @@
+"""models_store: atomic writes, strict manifests, streaming reads with prefetch."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from models_store import (
+    CorruptCheckpoint,
+    InvalidModelId,
+    MalformedManifest,
+    Manifest,
+    MissingCheckpoint,
+    ModelExists,
+    ModelNotFound,
+    ModelStore,
+    StoreError,
+    default_store_root,
+    select_indices,
+    validate_model_id,
+)
+
+META = dict(
+    arch={"kind": "relu", "latent_dim": 2, "hidden": [4], "out_dim": 6},
+    latent_dim=2,
+    output_shape=[1, 2, 3],
+    value_range=[0.0, 1.0],
+    training={"method": "vae", "lr": 1e-3, "batch_size": 8, "every": 40},
+    dataset="fashion-mnist",
+)
+
+
+def weights(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "w": torch.randn(3, 2, generator=g).t(),  # non-contiguous on purpose
+        "b": torch.randn(3, generator=g, dtype=torch.float64),
+        "n": torch.tensor(step),
+    }
+
+
+def write(store: ModelStore, model_id: str = "m", steps=(0, 40, 80, 120)) -> None:
+    with store.create(model_id, **META) as w:
+        for s in steps:
+            w.add(s, weights(s))
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("models_store-prefetch")]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_round_trip(tmp_path: Path, prefetch: bool) -> None:
+    store = ModelStore(tmp_path)
+    write(store)
+    got = list(store.checkpoints("m", prefetch=prefetch))
+    assert [(c.index, c.step) for c in got] == [(0, 0), (1, 40), (2, 80), (3, 120)]
+    for c in got:
+        want = weights(c.step)
+        assert c.tensors["w"].is_contiguous()
+        assert torch.equal(c.tensors["w"], want["w"])
+        assert c.tensors["b"].dtype == torch.float32  # fp32 encoding
+        assert torch.allclose(c.tensors["b"], want["b"].float())
+        assert c.tensors["n"].item() == c.step and c.tensors["n"].dtype == torch.int64
+    assert torch.equal(store.load("m", -1)["w"], weights(120)["w"])
+    assert torch.equal(store.load("m", 1)["w"], weights(40)["w"])
+    with pytest.raises(IndexError):
+        store.load("m", 4)
+
+
+def test_manifest_fields(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store)
+    d = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert d["format_version"] == 1 and d["encoding"] == "fp32" and d["complete"] is True
+    assert d["arch"] == META["arch"] and d["training"] == META["training"]
+    assert d["dataset"] == "fashion-mnist" and d["latent_dim"] == 2
+    assert datetime.fromisoformat(d["created_at"]).tzinfo is not None
+    for i, c in enumerate(d["checkpoints"]):
+        data = (tmp_path / "m" / c["file"]).read_bytes()
+        assert c["file"] == f"ckpt-{i:06d}.safetensors"
+        assert c["bytes"] == len(data) and c["sha256"] == hashlib.sha256(data).hexdigest()
+    m = store.manifest("m")
+    assert m.n_pixels == 6 and [c.step for c in m.checkpoints] == [0, 40, 80, 120]
+    assert Manifest.from_dict(m.to_dict()) == m and m.to_dict() == d
+    assert [x.model_id for x in store.list_models()] == ["m"]
+
+
+def test_stride_keeps_first_and_last(tmp_path: Path) -> None:
+    assert select_indices(10, 3) == [0, 3, 6, 9]
+    assert select_indices(11, 3) == [0, 3, 6, 9, 10]
+    assert select_indices(1, 5) == [0] and select_indices(0, 2) == []
+    with pytest.raises(ValueError):
+        select_indices(4, 0)
+    store = ModelStore(tmp_path)
+    write(store, steps=(0, 1, 2, 3, 4))
+    assert [c.index for c in store.checkpoints("m", stride=3)] == [0, 3, 4]
+    assert [c.step for c in store.checkpoints("m", stride=10, prefetch=False)] == [0, 4]
+
+
+def test_flipped_byte_is_corrupt(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store)
+    path = tmp_path / "m" / "ckpt-000002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    it = store.checkpoints("m")
+    assert next(it).index == 0 and next(it).index == 1
+    with pytest.raises(CorruptCheckpoint, match=r"'m'.*checkpoint 2.*ckpt-000002"):
+        next(it)
+    with pytest.raises(CorruptCheckpoint):
+        store.load("m", 2)
+    store.load("m", 2, verify=False)  # still parses; only the hash catches it
+    assert not prefetch_threads()
+
+
+def test_crash_mid_write_leaves_readable_prefix(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.create("m", **META) as w:
+            w.add(0, weights(0))
+            w.add(40, weights(40))
+            # a half-written third checkpoint: the temp file of an interrupted atomic write
+            (tmp_path / "m" / ".ckpt-000002.safetensors.deadbeef.tmp").write_bytes(b"\0" * 7)
+            raise RuntimeError("boom")
+    m = store.manifest("m")
+    assert m.complete is False and len(m.checkpoints) == 2
+    assert [c.step for c in store.checkpoints("m")] == [0, 40]
+    assert [x.model_id for x in store.list_models()] == ["m"]
+    with pytest.raises(StoreError):
+        w.add(80, weights(80))  # writer is closed after the exception
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store)
+    (tmp_path / "m" / "ckpt-000001.safetensors").unlink()
+    with pytest.raises(MissingCheckpoint, match=r"checkpoint 1.*ckpt-000001"):
+        list(store.checkpoints("m"))
+    with pytest.raises(MissingCheckpoint):
+        store.load("m", 1, verify=False)
+    assert not prefetch_threads()
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "a/b", "..", "", "Dcgan", "a" * 65, "a..b", ".a", "-a", "a\n", "a b", None]
+)
+def test_invalid_ids(tmp_path: Path, bad: object) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(InvalidModelId):
+        validate_model_id(bad)
+    with pytest.raises(InvalidModelId):
+        store.manifest(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidModelId):
+        store.create(bad, **META)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_valid_ids() -> None:
+    for ok in ["dcgan-k10", "a", "a" * 64, "wgan_gp.v2", "0"]:
+        assert validate_model_id(ok) == ok
+
+
+def test_unknown_id(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    for call in (store.manifest, store.checkpoints, store.delete, lambda i: store.load(i, 0)):
+        with pytest.raises(ModelNotFound, match="nope"):
+            call("nope")
+    assert ModelStore(tmp_path / "absent").list_models() == []
+
+
+def test_create_existing_and_overwrite(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store)
+    with pytest.raises(ModelExists, match="overwrite=True"):
+        store.create("m", **META)
+    with store.create("m", **META, overwrite=True) as w:
+        w.add(7, weights(7))
+    assert [c.step for c in store.manifest("m").checkpoints] == [7]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "ckpt-000000.safetensors",
+        "manifest.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging/trash left behind
+
+
+def test_writer_rejects_bad_input(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.create("x", **{**META, "latent_dim": 0})
+    with pytest.raises(ValueError):
+        store.create("x", **{**META, "training": {"f": object()}})
+    with pytest.raises(ValueError):
+        store.create("x", **META, encoding="zip")
+    assert list(tmp_path.iterdir()) == []
+    with store.create("x", **META) as w:
+        w.add(5, weights(5))
+        with pytest.raises(ValueError, match="increase"):
+            w.add(5, weights(5))
+
+
+def test_malformed_manifest_is_listed_around(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ModelStore(tmp_path)
+    write(store, "good", steps=(0,))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    (tmp_path / "noman").mkdir()
+    write(store, "wrong", steps=(0,))
+    d = json.loads((tmp_path / "wrong" / "manifest.json").read_text())
+    d["checkpoints"][0]["file"] = "../good/ckpt-000000.safetensors"
+    (tmp_path / "wrong" / "manifest.json").write_text(json.dumps(d))
+    assert [m.model_id for m in store.list_models()] == ["good"]
+    assert all(f"'{i}'" in caplog.text for i in ("bad", "noman", "wrong"))  # not silent
+    for model_id in ("bad", "noman", "wrong"):
+        with pytest.raises(MalformedManifest, match=model_id):
+            store.manifest(model_id)
+
+
+def test_delete(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store, "a", steps=(0,))
+    write(store, "b", steps=(0,))
+    store.delete("a")
+    assert [m.model_id for m in store.list_models()] == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_prefetch_closed_early_leaves_no_threads(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    write(store, steps=tuple(range(6)))
+    before = threading.active_count()
+    it = store.checkpoints("m")
+    assert next(it).index == 0
+    assert len(prefetch_threads()) == 1  # the worker is loading checkpoint 1
+    it.close()
+    assert not prefetch_threads() and threading.active_count() == before
+
+    for c in store.checkpoints("m"):  # break out of a for loop, drop the generator
+        if c.index == 2:
+            break
+    del c
+    gc.collect()
+    assert not prefetch_threads()
+
+
+def test_default_store_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SURFING_MODELS_DIR", str(tmp_path))
+    assert default_store_root() == tmp_path
+    monkeypatch.delenv("SURFING_MODELS_DIR")
+    assert default_store_root() == Path("data/models")
