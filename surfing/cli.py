@@ -61,6 +61,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+DEMO_ID = "demo-dcgan-k10"
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """A small DCGAN trajectory so a fresh install has something to invert (skipped if the
+    store already holds a model)."""
+    from surfing.train import TrainConfig, train
+
+    store = _store(args)
+    existing = [m.model_id for m in store.list_models()]
+    if existing and not args.force:
+        print(f"demo: store {store.root} already has {', '.join(existing)}; nothing to do")
+        return
+    cfg = TrainConfig(method="dcgan", latent_dim=10, width=0.5, every=40, max_steps=args.steps)
+    print(f"demo: training {DEMO_ID} ({args.steps} DCGAN steps, half width) into {store.root}")
+    summary = train(cfg, store, DEMO_ID, device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"demo: {summary['steps']} steps in {summary['seconds']:.0f}s")
+
+
 def cmd_invert(args: argparse.Namespace) -> None:
     from surfing.images import load_png, to_png
     from surfing.measure import gaussian_matrix, measure
@@ -114,6 +133,15 @@ def cmd_models(args: argparse.Namespace) -> None:
                 f"{m.model_id:32s} {m.training.get('method', '?'):8s} k={m.latent_dim:<3d} "
                 f"{len(m.checkpoints):5d} checkpoints  {state}"
             )
+    elif args.action == "compress":
+        from models_store import convert
+
+        m = convert(store, args.src, args.dst, args.encoding, levels=args.levels,
+                    keyframe_every=args.keyframe_every)
+        raw = sum(c.bytes for c in store.manifest(args.src).checkpoints)
+        size = sum(c.bytes for c in m.checkpoints)
+        print(f"{args.dst}: {len(m.checkpoints)} checkpoints, {size / 1e6:.1f} MB "
+              f"({size / raw:.3f} of {args.src}'s {raw / 1e6:.1f} MB)")
     else:
         print(json.dumps(store.manifest(args.id).to_dict(), indent=2))
 
@@ -163,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", help="where to write the sample grid PNG")
     t.set_defaults(func=cmd_train)
 
+    d = sub.add_parser("demo", help="train a small demo trajectory if the store is empty")
+    d.add_argument("--steps", type=int, default=600)
+    d.add_argument("--force", action="store_true", help="train even if models exist")
+    d.set_defaults(func=cmd_demo)
+
     i = sub.add_parser("invert", help="invert one image with a stored trajectory (no server)")
     i.add_argument("image", help="target PNG")
     i.add_argument("--model", required=True)
@@ -190,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list")
     show = msub.add_parser("show")
     show.add_argument("id")
+    comp = msub.add_parser("compress", help="re-encode a trajectory compactly as a new model id")
+    comp.add_argument("src")
+    comp.add_argument("dst")
+    comp.add_argument("--encoding", default="qdelta")
+    comp.add_argument("--levels", type=float, default=1.0, help="step = rms(move) / levels")
+    comp.add_argument("--keyframe-every", type=int, default=16)
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser(

@@ -59,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--results-md", type=Path, default=Path("docs/results.md"))
-    p.add_argument("--models-dir")
 
 
 def _batched(fn, n: int, batch: int) -> tuple[SolveResult, float]:

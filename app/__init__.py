@@ -1,0 +1,1 @@
+"""Surfing HTTP service: FastAPI routes, schemas, settings and the SQL job store."""

@@ -1,0 +1,130 @@
+"""SQLAlchemy models: the database is the source of truth for job state and results.
+
+RQ keeps its own job records only for a while (result TTL); these tables keep everything a
+client can ask about, plus the inputs, so any job can be re-run.
+
+Arrays (targets, measurements, matrices, reconstructions) are stored as `.npy` bytes: exact,
+compact, and readable without pickle.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, UTCDateTime, utcnow
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+TERMINAL = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.canceled.value)
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+
+
+class JobKind(str, enum.Enum):
+    invert = "invert"
+    cs = "cs"
+
+
+_STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
+_KIND_VALUES = ", ".join(f"'{k.value}'" for k in JobKind)
+
+
+class Job(Base):
+    """One inversion request and its lifecycle (queued -> running -> terminal)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
+        CheckConstraint(f"kind IN ({_KIND_VALUES})", name="kind"),
+        Index(None, "status", "heartbeat_at"),  # the reaper's query
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    method: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    n_targets: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
+    # attempt counts claims by a worker; results carry the attempt that wrote them.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    queue_ref: Mapped[str | None] = mapped_column(String(80))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    # Progress while running: stage t of T and the current mean objective.
+    stage: Mapped[int | None] = mapped_column(Integer)
+    stages: Mapped[int | None] = mapped_column(Integer)
+    objective: Mapped[float | None] = mapped_column(Float)
+    progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    run_seconds: Mapped[float | None] = mapped_column(Float)
+
+    inputs: Mapped[JobInput] = relationship(
+        back_populates="job", cascade="all, delete-orphan", uselist=False, lazy="raise"
+    )
+    result: Mapped[JobResult | None] = relationship(
+        back_populates="job", cascade="all, delete-orphan", uselist=False, lazy="raise"
+    )
+
+
+class JobInput(Base):
+    """What the client sent, decoded and validated: enough to re-run the job."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    target: Mapped[bytes | None] = mapped_column(LargeBinary)  # (B, *shape): image / true image
+    measurements: Mapped[bytes | None] = mapped_column(LargeBinary)  # (B, m)
+    matrix: Mapped[bytes | None] = mapped_column(LargeBinary)  # (m, n) when sent explicitly
+    matrix_seed: Mapped[int | None] = mapped_column(Integer)
+    m: Mapped[int | None] = mapped_column(Integer)
+    x_init: Mapped[bytes | None] = mapped_column(LargeBinary)  # (B, k)
+
+    job: Mapped[Job] = relationship(back_populates="inputs")
+
+
+class JobResult(Base):
+    """The outcome of the attempt that finished the job (written once, guarded by attempt)."""
+
+    __tablename__ = "job_results"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    latent: Mapped[list[list[float]]] = mapped_column(JSON)
+    objective: Mapped[list[float]] = mapped_column(JSON)
+    pixel_error: Mapped[list[float] | None] = mapped_column(JSON)
+    measurement_residual: Mapped[list[float] | None] = mapped_column(JSON)
+    trace: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    evals: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    solve_seconds: Mapped[float] = mapped_column(Float)
+    reconstruction: Mapped[bytes] = mapped_column(LargeBinary)  # (B, *shape) float32 .npy
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="result")

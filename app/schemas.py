@@ -1,0 +1,224 @@
+"""Pydantic request and response models (the API's public contract, shown at /docs).
+
+Option bounds here are the hard limits; per-deployment caps (batch size, upload bytes, image
+pixels) come from settings and are checked in the service layer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["surf", "adam", "adam-restarts", "hybrid"]
+Schedule = Literal["adaptive", "adaptive-adam", "lm", "paper"]  # surfing.solvers.SCHEDULES
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+MODEL_ID_DESCRIPTION = "Trajectory id from GET /models."
+IMAGE_DESCRIPTION = (
+    "Target image: a nested list of floats in the model's value range with the model's "
+    "output shape (or a batch [B, ...] of them), or a base64 string of a PNG/JPEG (converted "
+    "to the model's channels, size and value range) or of a .npy float array."
+)
+
+
+class SolveOptions(BaseModel):
+    """Solver options shared by /invert and /cs-recover. Unset = the solver's default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Method = Field(
+        "surf",
+        description="surf (Alg. 3.1 over the checkpoints), adam (direct descent on the final "
+        "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
+        "restarts, lowest objective kept).",
+    )
+    schedule: Schedule | None = Field(
+        None,
+        description="How method=surf spends each stage (surfing.solvers): adaptive (default: "
+        "Adam stages that stop per target when the objective stalls, Levenberg-Marquardt on "
+        "the final network), adaptive-adam (the same with Adam at the end), lm "
+        "(Levenberg-Marquardt on every stage), paper (exactly `steps` Adam steps per stage "
+        "and `final_steps` at the end, Algorithm 3.1 as published).",
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Adam steps per surfing stage (a cap for the adaptive schedules; default 20).",
+    )
+    final_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Adam steps on the final network when surfing (default 1000).",
+    )
+    direct_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Adam steps of each direct descent: adam, "
+        "adam-restarts, and the restarts of hybrid (default 2000).",
+    )
+    tol: float | None = Field(
+        None, ge=0, le=1e6, description="Stop a stage once every target's gradient norm < tol."
+    )
+    lr: float | None = Field(None, gt=0, le=100, description="Adam learning rate (default 0.01).")
+    stride: int = Field(
+        1,
+        ge=1,
+        le=1_000_000,
+        description="Use every stride-th checkpoint (first and last always kept).",
+    )
+    restarts: int | None = Field(
+        None, ge=1, le=256, description="Random starts for adam-restarts and hybrid (default 4)."
+    )
+    seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
+    x_init: list[float] | list[list[float]] | None = Field(
+        None, description="Starting latent, length k (or B x k); default U[-1, 1]^k from seed."
+    )
+
+    @model_validator(mode="after")
+    def _schedule_is_for_surf(self) -> SolveOptions:
+        if self.schedule is not None and self.method != "surf":
+            raise ValueError(f"schedule applies to method 'surf' only, not {self.method!r}")
+        return self
+
+
+class InvertRequest(SolveOptions):
+    """JSON body of POST /invert."""
+
+    model_id: str = Field(..., description=MODEL_ID_DESCRIPTION)
+    image: list[Any] | str = Field(..., description=IMAGE_DESCRIPTION)
+
+
+class MatrixSeed(BaseModel):
+    """A Gaussian matrix named by its seed: the server regenerates it (see /measurement-matrix)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(..., ge=0, le=2**62)
+    m: int = Field(..., ge=1, description="Number of measurements (1 <= m <= n).")
+
+
+class CSRecoverRequest(SolveOptions):
+    """JSON body of POST /cs-recover."""
+
+    model_id: str = Field(..., description=MODEL_ID_DESCRIPTION)
+    measurements: list[Any] = Field(
+        ..., description="The vector A·y (length m), or a batch [B, m]."
+    )
+    matrix: MatrixSeed | list[list[Any]] = Field(
+        ...,
+        description="{seed, m} to regenerate the documented Gaussian matrix, or an "
+        "explicit m x n nested list.",
+    )
+    true_image: list[Any] | str | None = Field(
+        None,
+        description="Optional true image y (same forms as /invert's image): the result "
+        "then reports the per-pixel error too.",
+    )
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Status
+    links: dict[str, str]
+
+
+class Progress(BaseModel):
+    stage: int | None = Field(None, description="Stage in progress, 1-based.")
+    stages: int | None = Field(None, description="Total stages T (checkpoints used).")
+    objective: float | None = Field(None, description="Current mean objective over targets.")
+    updated_at: datetime | None = None
+
+
+class Timings(BaseModel):
+    queued_s: float | None = Field(None, description="From submission to the last start.")
+    run_s: float | None = Field(None, description="Of the last attempt (so far, if running).")
+    solve_s: float | None = Field(None, description="Solver time of the successful attempt.")
+
+
+class StageTraceOut(BaseModel):
+    stage: int
+    total: int | None = None
+    index: int
+    step: int
+    steps_used: int
+    objective_mean: float
+    x_norm_mean: float
+
+
+class JobResultOut(BaseModel):
+    latent: list[list[float]] = Field(..., description="Latent x per target (B x k).")
+    objective: list[float] = Field(..., description="Final 1/2 ||A G(x) - b||^2 per target.")
+    pixel_error: list[float] | None = Field(
+        None, description="||G(x) - y||^2 / n per target (when y is known)."
+    )
+    measurement_residual: list[float] | None = Field(
+        None, description="||A G(x) - b||^2 / m per target (/cs-recover)."
+    )
+    evals: int = Field(..., description="Generator forward+backward passes per target.")
+    device: str
+    trace: list[StageTraceOut]
+    reconstruction_url: str
+
+
+class JobOut(BaseModel):
+    job_id: str
+    kind: Literal["invert", "cs"]
+    model_id: str
+    method: Method
+    status: Status
+    params: dict[str, Any]
+    n_targets: int
+    attempt: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    progress: Progress | None
+    timings: Timings
+    error: str | None
+    result: JobResultOut | None
+    links: dict[str, str]
+
+
+class CheckpointOut(BaseModel):
+    index: int
+    step: int
+    bytes: int
+    sha256: str
+
+
+class ModelSummary(BaseModel):
+    model_id: str
+    arch: dict[str, Any]
+    latent_dim: int
+    output_shape: list[int]
+    value_range: list[float]
+    n_pixels: int
+    training: dict[str, Any]
+    dataset: str
+    created_at: str
+    complete: bool
+    n_checkpoints: int
+    first_step: int | None
+    last_step: int | None
+
+
+class ModelDetail(ModelSummary):
+    format_version: int
+    encoding: str
+    checkpoints: list[CheckpointOut]
+
+
+class MeasurementMatrixOut(BaseModel):
+    model_id: str
+    seed: int
+    m: int
+    n: int
+    generator: str
+    matrix: list[list[float]]

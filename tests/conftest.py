@@ -1,0 +1,164 @@
+"""Shared fixtures for the service tests: tiny trajectories, PostgreSQL and Redis.
+
+PostgreSQL and Redis are expected on 127.0.0.1 (override with SURFING_TEST_PG_URL, an admin
+URL whose server we may create databases on, and SURFING_TEST_REDIS_URL). When they are not
+reachable the tests that need them are skipped, unless SURFING_REQUIRE_SERVICES=1 (CI), which
+turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.db import normalize_url
+from models_store import ModelStore
+
+PG_ADMIN_URL = normalize_url(
+    os.environ.get("SURFING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+)
+REDIS_URL = os.environ.get("SURFING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TINY_ARCH = {"kind": "infogan", "width": 0.05}
+
+
+def make_tiny_trajectory(
+    store_root: str | os.PathLike[str],
+    model_id: str,
+    k: int = 2,
+    n_ckpt: int = 4,
+    seed: int = 0,
+) -> ModelStore:
+    """A tiny InfoGAN-style trajectory (~16 k parameters) without any training.
+
+    Checkpoint i holds (1 - t_i) * theta_0 + t_i * theta_T, t_i = i / (n_ckpt - 1), where
+    theta_0 is the generator's own (DCGAN) initialisation and theta_T re-draws the weights with
+    a larger spread so that G_T depends visibly on the latent. That is a smooth path from a
+    nearly flat surface to a wavy one, like a real training run, in milliseconds.
+    """
+    from surfing.nets import build_generator
+
+    arch = {**TINY_ARCH, "latent_dim": k}
+    torch.manual_seed(seed)
+    start = build_generator(arch).state_dict()
+    final_net = build_generator(arch)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in final_net.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                fan_in = p.shape[1] if p.dim() == 2 else p.shape[0] * p.shape[2] * p.shape[3]
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    final = final_net.state_dict()
+    store = ModelStore(store_root)
+    with store.create(
+        model_id,
+        arch=arch,
+        latent_dim=k,
+        output_shape=[1, 28, 28],
+        value_range=[0.0, 1.0],
+        training={"method": "synthetic", "every": 10, "seed": seed},
+        dataset="synthetic",
+        overwrite=True,
+    ) as writer:
+        for i in range(n_ckpt):
+            t = i / max(n_ckpt - 1, 1)
+            tensors = {
+                name: (1 - t) * start[name] + t * final[name]
+                if start[name].is_floating_point()
+                else final[name]
+                for name in start
+            }
+            writer.add(i * 10, tensors)
+    return store
+
+
+def tiny_target(store: ModelStore, model_id: str, x_star: torch.Tensor) -> torch.Tensor:
+    """y = G_T(x*) for a batch of latents, shape (B, 1, 28, 28)."""
+    from surfing.trajectory import final_generator
+
+    G = final_generator(store, model_id)
+    with torch.no_grad():
+        return G(x_star)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding model 'tiny' (k = 2, 4 checkpoints)."""
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_trajectory(root, "tiny")
+    return root
+
+
+def _unavailable(what: str, why: object) -> None:
+    msg = f"{what} not reachable ({why})"
+    if os.environ.get("SURFING_REQUIRE_SERVICES") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """Admin URL of a reachable PostgreSQL server."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_ADMIN_URL, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as e:
+        _unavailable("PostgreSQL", e)
+    finally:
+        engine.dispose()
+    return PG_ADMIN_URL
+
+
+def create_pg_database(admin_url: str) -> str:
+    """A fresh, empty database surfing_test_<random>; returns its URL."""
+    import sqlalchemy as sa
+
+    name = f"surfing_test_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return str(sa.engine.make_url(admin_url).set(database=name).render_as_string(False))
+
+
+def drop_pg_database(admin_url: str, url: str) -> None:
+    import sqlalchemy as sa
+
+    from app.db import dispose_engine
+
+    dispose_engine(url)
+    name = sa.engine.make_url(url).database
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_database(pg_server: str) -> Iterator[str]:
+    """A fresh empty PostgreSQL database for one test, dropped afterwards."""
+    url = create_pg_database(pg_server)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_server, url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    from redis import Redis
+
+    try:
+        Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as e:
+        _unavailable("Redis", e)
+    return REDIS_URL
