@@ -167,6 +167,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from surfing.experiments import EXPERIMENTS
+    from surfing.solvers import DEFAULT_SCHEDULE, SCHEDULES
     from surfing.train import METHODS
 
     p = argparse.ArgumentParser(prog="surfing", description=__doc__)
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--method", choices=["surf", "adam", "both"], default="surf")
     i.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
     i.add_argument("--seed", type=int, default=0, help="seed of A and of x_init")
-    i.add_argument("--steps", type=int, default=20, help="Adam steps per surfing stage")
+    i.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE,
+                   help="surfing stage schedule ('paper' = fixed Adam steps per checkpoint)")
+    i.add_argument("--steps", type=int, default=20, help="Adam steps (cap) per surfing stage")
     i.add_argument("--final-steps", type=int, default=1000, help="Adam steps on the last network")
     i.add_argument("--direct-steps", type=int, default=2000, help="Adam steps for --method adam")
     i.add_argument("--lr", type=float, default=0.01)
