@@ -100,6 +100,7 @@ def run_model(
             steps=args.steps,
             lr=args.lr,
             final_steps=args.final_steps,
+            schedule="paper",
         ),
         "adam": lambda lo, hi: direct(
             G, b[lo:hi], x_init[lo:hi], steps=args.direct_steps, lr=args.lr
@@ -114,6 +115,10 @@ def run_model(
             lr=args.lr,
         ),
     }
+    if args.fast:
+        runs["surf-fast"] = lambda lo, hi: surf(
+            stages, b[lo:hi], x_init[lo:hi], steps=args.steps, lr=args.lr
+        )
     dist, summary = (
         {},
         {
