@@ -3,7 +3,7 @@
 See docs/architecture.md (section models_store) for the contract.
 """
 
-from .codec import ENCODINGS, decode_checkpoint
+from .codec import ENCODINGS, Encoder, decode_checkpoint
 from .errors import (
     CorruptCheckpoint,
     InvalidModelId,
@@ -18,6 +18,7 @@ from .store import (
     Checkpoint,
     ModelStore,
     TrajectoryWriter,
+    convert,
     default_store_root,
     select_indices,
 )
@@ -37,6 +38,8 @@ __all__ = [
     "ModelStore",
     "StoreError",
     "TrajectoryWriter",
+    "Encoder",
+    "convert",
     "decode_checkpoint",
     "default_store_root",
     "select_indices",

@@ -26,7 +26,15 @@ import torch
 from safetensors import SafetensorError
 
 from ._atomic import fsync_dir, write_atomic
-from .codec import ENCODINGS, decode_checkpoint, encode_checkpoint
+from .codec import (
+    DELTA,
+    DELTA_LEVELS,
+    ENCODINGS,
+    KEYFRAME_EVERY,
+    Encoder,
+    checkpoint_kind,
+    decode_checkpoint,
+)
 from .errors import (
     CorruptCheckpoint,
     MalformedManifest,
@@ -81,18 +89,28 @@ class TrajectoryWriter:
     keeps complete=False, with every checkpoint added so far still readable.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, encoder: Encoder | None = None) -> None:
         self.folder = folder
         self._manifest = manifest
         self._closed = False
+        self._encoder = encoder or Encoder(manifest.encoding)
+        # Lossy encodings keep the last checkpoint's weights so close() can rewrite it exactly.
+        self._last: tuple[int, Mapping[str, torch.Tensor]] | None = None
+        self._last_exact = False
 
     @property
     def manifest(self) -> Manifest:
         """The manifest as last written to disk."""
         return self._manifest
 
-    def add(self, step: int, tensors: Mapping[str, torch.Tensor]) -> CheckpointInfo:
-        """Write one checkpoint file atomically, then the manifest that lists it."""
+    def add(
+        self, step: int, tensors: Mapping[str, torch.Tensor], exact: bool = False
+    ) -> CheckpointInfo:
+        """Write one checkpoint file atomically, then the manifest that lists it.
+
+        `exact=True` stores it losslessly under a lossy encoding; the last checkpoint is made
+        exact by close() anyway (it is the network the inversion objective is defined by).
+        """
         if self._closed:
             raise StoreError(f"model {self._manifest.model_id!r}: writer is already closed")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -101,21 +119,37 @@ class TrajectoryWriter:
         if done and step <= done[-1].step:
             raise ValueError(f"steps must increase: got {step} after {done[-1].step}")
         index = len(done)
-        encoded = encode_checkpoint(self._manifest.encoding, tensors)
+        info = self._write_checkpoint(index, step, tensors, exact)
+        self._write_manifest(replace(self._manifest, checkpoints=[*done, info]))
+        if self._encoder.lossy:
+            self._last = (index, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()})
+            self._last_exact = exact
+        return info
+
+    def _write_checkpoint(
+        self, index: int, step: int, tensors: Mapping[str, torch.Tensor], exact: bool
+    ) -> CheckpointInfo:
+        encoded = self._encoder.encode(index, tensors, exact=exact)
         meta = {"model_id": self._manifest.model_id, "index": str(index), "step": str(step)}
         data = safetensors.torch.save(encoded, metadata=meta)
         del encoded
         name = checkpoint_file_name(index)
         write_atomic(self.folder / name, data)
-        info = CheckpointInfo(step, name, hashlib.sha256(data).hexdigest(), len(data))
-        self._write_manifest(replace(self._manifest, checkpoints=[*done, info]))
-        return info
+        return CheckpointInfo(step, name, hashlib.sha256(data).hexdigest(), len(data))
 
     def close(self) -> None:
         """Mark the trajectory complete: readers may treat it as a finished model."""
         if self._closed:
             return
-        self._write_manifest(replace(self._manifest, complete=True))
+        checkpoints = self._manifest.checkpoints
+        if self._last is not None and not self._last_exact:
+            # No checkpoint depends on the last one, so rewriting it in place is safe; the
+            # manifest swap below makes the new file's hash the one readers check.
+            index, tensors = self._last
+            info = self._write_checkpoint(index, checkpoints[index].step, tensors, exact=True)
+            checkpoints = [*checkpoints[:index], info]
+        self._last = None
+        self._write_manifest(replace(self._manifest, checkpoints=checkpoints, complete=True))
         self._closed = True
 
     def _write_manifest(self, manifest: Manifest) -> None:
@@ -161,8 +195,11 @@ class ModelStore:
         dataset: str,
         encoding: str = "fp32",
         overwrite: bool = False,
+        encoder: Encoder | None = None,
     ) -> TrajectoryWriter:
-        """Start a new trajectory; the folder appears (with an empty manifest) in one rename."""
+        """Start a new trajectory; the folder appears (with an empty manifest) in one rename.
+
+        `encoder` sets a lossy encoding's precision (default: Encoder(encoding))."""
         folder = self.path(model_id)
         if folder.exists() and not overwrite:
             raise ModelExists(
@@ -171,6 +208,8 @@ class ModelStore:
             )
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+        if encoder is not None and encoder.encoding != encoding:
+            raise ValueError(f"encoder is for {encoder.encoding!r}, not {encoding!r}")
         d = {
             "model_id": model_id,
             "format_version": FORMAT_VERSION,
@@ -205,7 +244,7 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         fsync_dir(self.root)
-        return TrajectoryWriter(folder, manifest)
+        return TrajectoryWriter(folder, manifest, encoder)
 
     def delete(self, model_id: str) -> None:
         """Remove a model; it disappears from listings at once (rename first, then rmtree)."""
@@ -266,7 +305,7 @@ class ModelStore:
         n = len(manifest.checkpoints)
         if not -n <= index < n:
             raise IndexError(f"model {model_id!r} has {n} checkpoints, no index {index}")
-        return self._read_checkpoint(manifest, index % n, verify).tensors
+        return _Decoder(self, manifest, verify).get(index % n).tensors
 
     def checkpoints(
         self, model_id: str, stride: int = 1, prefetch: bool = True, verify: bool = True
@@ -280,14 +319,13 @@ class ModelStore:
         manifest = self.manifest(model_id)
         indices = select_indices(len(manifest.checkpoints), stride)
 
-        def read(i: int) -> Checkpoint:
-            return self._read_checkpoint(manifest, i, verify)
+        read = _Decoder(self, manifest, verify).get  # called in index order (one thread)
 
         if prefetch:
             return _prefetched(read, indices)
         return (read(i) for i in indices)
 
-    def _read_checkpoint(self, manifest: Manifest, index: int, verify: bool) -> Checkpoint:
+    def _read_raw(self, manifest: Manifest, index: int, verify: bool) -> dict[str, torch.Tensor]:
         info = manifest.checkpoints[index]
         path = self.root / manifest.model_id / info.file
         where = f"model {manifest.model_id!r} checkpoint {index} ({info.file})"
@@ -307,7 +345,49 @@ class ModelStore:
             raise MissingCheckpoint(f"{where}: file {path} is missing") from None
         except SafetensorError as e:
             raise CorruptCheckpoint(f"{where}: not a readable safetensors file: {e}") from None
-        return Checkpoint(index, info.step, decode_checkpoint(manifest, index, raw))
+        return raw
+
+
+class _Decoder:
+    """Reads and decodes checkpoints of one model, remembering the last one decoded.
+
+    Delta-coded checkpoints need their predecessor: a request for index j reads back from j
+    until it reaches the remembered checkpoint (the streaming case, also with a stride) or a
+    standalone file (keyframe or exact), then decodes forward. Standalone files decode alone.
+    """
+
+    def __init__(self, store: ModelStore, manifest: Manifest, verify: bool) -> None:
+        self.store, self.manifest, self.verify = store, manifest, verify
+        self.last: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _raw(self, index: int) -> dict[str, torch.Tensor]:
+        return self.store._read_raw(self.manifest, index, self.verify)
+
+    def get(self, index: int) -> Checkpoint:
+        raw = self._raw(index)
+        if checkpoint_kind(self.manifest, raw) == DELTA:
+            # Walk back to the remembered checkpoint or to a standalone one, then forward.
+            chain = [raw]
+            while self.last is None or self.last[0] != index - len(chain):
+                i = index - len(chain)
+                if i < 0:
+                    raise CorruptCheckpoint(
+                        f"model {self.manifest.model_id!r}: checkpoint {index} is a delta "
+                        "with no keyframe before it"
+                    )
+                chain.append(self._raw(i))
+                if checkpoint_kind(self.manifest, chain[-1]) != DELTA:
+                    break
+            previous = None
+            if self.last is not None and self.last[0] == index - len(chain):
+                previous = self.last[1]
+            for j, r in enumerate(reversed(chain)):
+                previous = decode_checkpoint(self.manifest, index - len(chain) + 1 + j, r, previous)
+            tensors = previous
+        else:
+            tensors = decode_checkpoint(self.manifest, index, raw)
+        self.last = (index, tensors)
+        return Checkpoint(index, self.manifest.checkpoints[index].step, tensors)
 
 
 def _prefetched(read: Callable[[int], Checkpoint], indices: list[int]) -> Iterator[Checkpoint]:
@@ -328,3 +408,43 @@ def _prefetched(read: Callable[[int], Checkpoint], indices: list[int]) -> Iterat
         yield pending.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def convert(
+    store: ModelStore,
+    src: str,
+    dst: str,
+    encoding: str = "qdelta",
+    overwrite: bool = False,
+    dst_store: ModelStore | None = None,
+    levels: float = DELTA_LEVELS,
+    keyframe_every: int = KEYFRAME_EVERY,
+) -> Manifest:
+    """Re-encode trajectory `src` as a new model `dst` (same architecture, steps and order).
+
+    Streams one checkpoint at a time; the final checkpoint is stored exactly (see codec).
+    Returns the new manifest. The source must be complete: a partial trajectory may still grow.
+    """
+    manifest = store.manifest(src)
+    if not manifest.complete:
+        raise StoreError(f"model {src!r} is not complete; convert it once training has finished")
+    out = dst_store or store
+    n = len(manifest.checkpoints)
+    training = {**manifest.training, "converted_from": src}
+    if encoding != "fp32":
+        training["encoding_levels"], training["keyframe_every"] = levels, keyframe_every
+    with out.create(
+        dst,
+        arch=manifest.arch,
+        latent_dim=manifest.latent_dim,
+        output_shape=manifest.output_shape,
+        value_range=manifest.value_range,
+        training=training,
+        dataset=manifest.dataset,
+        encoding=encoding,
+        overwrite=overwrite,
+        encoder=Encoder(encoding, levels, keyframe_every),
+    ) as writer:
+        for ckpt in store.checkpoints(src):
+            writer.add(ckpt.step, ckpt.tensors, exact=ckpt.index == n - 1)
+    return out.manifest(dst)

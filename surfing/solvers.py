@@ -11,11 +11,14 @@ so every target follows exactly the path it would follow alone (generators are i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+
+from surfing.lm import levenberg_marquardt
 
 Stage = tuple[int, int, nn.Module]  # (checkpoint index, training step, generator)
 Progress = Callable[["StageTrace"], None]
@@ -55,6 +58,30 @@ class SolveResult:
     objective: torch.Tensor  # (B,) final objective on the last network
     evals: int  # generator forward+backward passes per target
     trace: list[StageTrace] = field(default_factory=list)
+    target_evals: torch.Tensor | None = None  # (B,) per-target cost, where targets differ
+
+
+def split_result(res: SolveResult, sizes: list[int]) -> list[SolveResult]:
+    """Cut the result of one coalesced batch back into per-job results (`sizes` targets each).
+
+    Coalescing is exact because targets are independent: a worker may concatenate the `b` and
+    `x_init` of queued jobs for the same model (and the same A and solver options), surf once
+    -- one pass over the trajectory, each checkpoint loaded once -- and split the result; each
+    job gets what it would have got alone (up to float32 batch-size rounding).
+    """
+    if sum(sizes) != res.x.shape[0]:
+        raise ValueError(f"sizes add up to {sum(sizes)}, the result has {res.x.shape[0]} targets")
+    out, lo = [], 0
+    for n in sizes:
+        hi = lo + n
+        cost = res.target_evals[lo:hi] if res.target_evals is not None else None
+        evals = int(round(float(cost.double().mean()))) if cost is not None else res.evals
+        trace = [
+            replace(t, objective=t.objective[lo:hi], x_norm=t.x_norm[lo:hi]) for t in res.trace
+        ]
+        out.append(SolveResult(res.x[lo:hi], res.objective[lo:hi], evals, trace, cost))
+        lo = hi
+    return out
 
 
 def objective(
@@ -112,6 +139,102 @@ def _with_last(stages: Iterable[Stage]) -> Iterator[tuple[Stage, bool]]:
     yield prev, True
 
 
+SCHEDULES = ("auto", "adaptive", "adaptive-adam", "lm", "paper")
+DEFAULT_SCHEDULE = "auto"
+
+
+def resolve_schedule(schedule: str, A: torch.Tensor | None) -> str:
+    """ "auto" is the fastest schedule that held the paper's success rate in bench/surf_bench.py
+    (docs/performance.md): "adaptive" for A = I, "lm" with a measurement matrix, where the
+    stages are harder and Adam stages hit their cap while two Gauss–Newton steps keep up."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if schedule == "auto":
+        return "adaptive" if A is None else "lm"
+    return schedule
+
+
+@dataclass(frozen=True)
+class StageRule:
+    """When an adaptive stage stops for one target (the paper's schedule ignores this).
+
+    A target's stage ends once its objective has not dropped by a relative `rtol` for `patience`
+    consecutive Adam steps (after at least `min_steps`), or its gradient norm is below `gtol`,
+    or it reached the stage's step cap. The final network is solved by Levenberg–Marquardt to
+    `lm_xtol` (latent step length), at most `lm_iters` Jacobians, except in "adaptive-adam".
+    """
+
+    min_steps: int = 2
+    patience: int = 2
+    rtol: float = 1e-2
+    gtol: float = 0.0
+    lm_iters: int = 40
+    lm_xtol: float = 1e-6
+    lm_stage_iters: int = 2  # schedule "lm": Jacobians per intermediate stage
+
+
+def adam_stage(
+    G: nn.Module,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    A: torch.Tensor | None,
+    max_steps: int,
+    lr: float,
+    rule: StageRule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam with a per-target stopping rule; stopped targets leave the batch.
+
+    Same update as torch.optim.Adam (fresh state each stage). All targets start together and
+    the active set only shrinks, so the shared step counter is every active target's own
+    counter, and each target follows the path it would follow alone. Returns, per target, the
+    best evaluated latent, its objective and the number of gradient evaluations it used.
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    n = x.shape[0]
+    x = x.detach().clone()
+    m, v = torch.zeros_like(x), torch.zeros_like(x)
+    best_x, best_f = x.clone(), torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+    stall = torch.zeros(n, dtype=torch.long, device=x.device)
+    used = torch.zeros(n, dtype=torch.long, device=x.device)
+    active = torch.ones(n, dtype=torch.bool, device=x.device)
+    for t in range(1, max_steps + 1):
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        xa = x[idx].requires_grad_(True)
+        fa = objective(G, xa, b[idx], A)
+        (grad,) = torch.autograd.grad(fa.sum(), xa)
+        fa = fa.detach()
+        used[idx] += 1
+        prev = best_f[idx]
+        improved = fa < prev * (1 - rule.rtol)
+        better = fa < prev
+        best_f[idx] = torch.where(better, fa, prev)
+        best_x[idx] = torch.where(better[:, None], xa.detach(), best_x[idx])
+        stall[idx] = torch.where(improved, 0, stall[idx] + 1)
+        stop = (stall[idx] >= rule.patience) & (t >= rule.min_steps)
+        stop |= grad.norm(dim=1) <= rule.gtol
+        ma = m[idx].mul_(beta1).add_(grad, alpha=1 - beta1)
+        va = v[idx].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m[idx], v[idx] = ma, va
+        denom = (va.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        x[idx] = xa.detach() - (lr / (1 - beta1**t)) * ma / denom
+        active[idx[stop]] = False
+    return best_x, best_f, used
+
+
+def _lm_stage(
+    G: nn.Module,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    A: torch.Tensor | None,
+    iters: int,
+    rule: StageRule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = levenberg_marquardt(G, x, b, A, max_iters=iters, xtol=rule.lm_xtol)
+    return res.x, res.objective, res.evals
+
+
 def surf(
     stages: Iterable[Stage],
     b: torch.Tensor,
@@ -123,24 +246,53 @@ def surf(
     final_steps: int = 1000,
     progress: Progress | None = None,
     total: int | None = None,
+    schedule: str = DEFAULT_SCHEDULE,
+    rule: StageRule | None = None,
 ) -> SolveResult:
-    """Algorithm 3.1: `steps` Adam steps on each f_t warm-started from x_{t-1}; the last
-    network gets `final_steps` so x_T is converged as tightly as the direct baseline's.
+    """Algorithm 3.1: descend each f_t warm-started from x_{t-1}, ending on the final network.
+
+    schedule "paper": exactly `steps` Adam steps per stage (fewer if every gradient norm is
+    below `tol`) and `final_steps` on the last network -- the paper's method, kept as the
+    reference. "auto" (default): "adaptive" for A = I, "lm" with a matrix A (measured, see
+    resolve_schedule). "adaptive": per-target Adam stages that stop when the target's stage
+    objective stalls (see StageRule; `steps` is the cap, so no target does more work per stage
+    than the paper) and Levenberg–Marquardt on the last network, which converges in a few
+    k×k solves where Adam needs ~1000 steps. "adaptive-adam": the same stages, but masked Adam
+    capped at `final_steps` on the last network. "lm": Levenberg–Marquardt on every stage.
 
     `progress` is called after every stage; an exception raised from it aborts the solve.
+    `evals` counts generator forward+backward passes per target (a mean for adaptive
+    schedules, where targets stop at different times; a forward pass counts as half).
     """
+    schedule = resolve_schedule(schedule, A)
+    rule = rule or StageRule()
+    if tol is not None:
+        rule = replace(rule, gtol=tol)  # a gradient-norm tolerance ends adaptive stages too
     if total is None and hasattr(stages, "__len__"):
         total = len(stages)  # type: ignore[arg-type]
-    x, evals, trace = x_init, 0, []
-    f = torch.full((x_init.shape[0],), float("nan"))
+    n = x_init.shape[0]
+    x, trace = x_init, []
+    cost = torch.zeros(n, dtype=torch.float64)
+    f = torch.full((n,), float("nan"))
     for t, ((index, step, G), last) in enumerate(_with_last(stages)):
-        x, f, used = adam_descent(G, x, b, A, final_steps if last else steps, lr, tol)
-        evals += used
-        info = StageTrace(t, total, index, step, used, f.cpu(), x.norm(dim=1).cpu())
+        if schedule == "paper":
+            x, f, used = adam_descent(G, x, b, A, final_steps if last else steps, lr, tol)
+            cost += used
+            steps_used = used
+        else:
+            if last and schedule != "adaptive-adam":
+                x, f, c = _lm_stage(G, x, b, A, rule.lm_iters, rule)
+            elif schedule == "lm":
+                x, f, c = _lm_stage(G, x, b, A, rule.lm_stage_iters, rule)
+            else:
+                x, f, c = adam_stage(G, x, b, A, final_steps if last else steps, lr, rule)
+            cost += c.cpu().double()
+            steps_used = int(c.max()) if c.numel() else 0
+        info = StageTrace(t, total, index, step, steps_used, f.cpu(), x.norm(dim=1).cpu())
         trace.append(info)
         if progress is not None:
             progress(info)
-    return SolveResult(x, f, evals, trace)
+    return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost)
 
 
 def direct(

@@ -25,9 +25,27 @@ def _from(module: ModuleType) -> Experiment:
 
 
 def _registry() -> dict[str, Experiment]:
-    from surfing.experiments import table1
+    from surfing.experiments import (
+        alg32,
+        baselines,
+        fig1,
+        fig2,
+        fig3,
+        fig4,
+        table1,
+        theorem31,
+    )
 
-    return {"table1": _from(table1)}
+    return {
+        "table1": _from(table1),
+        "fig1": _from(fig1),
+        "fig2": _from(fig2),
+        "fig3": _from(fig3),
+        "fig4": _from(fig4),
+        "baselines": _from(baselines),
+        "alg32": _from(alg32),
+        "theorem31": _from(theorem31),
+    }
 
 
 EXPERIMENTS: dict[str, Experiment] = _registry()

@@ -1,0 +1,271 @@
+"""Benchmark: surfing variants vs. one 2,000-step direct-Adam run, same targets, same run.
+
+Prints one table per measurement operator (A = I, and Gaussian A with m rows): variant, wall
+time, ratio to the direct-Adam baseline measured in this run, success rate (||x_T - x*|| <
+0.01), generator evaluations per target, I/O share (time the solver waited for the next
+checkpoint / wall time), bytes on disk of the trajectory, and achieved generator FLOP/s as a
+fraction of the machine's measured matmul FLOP/s. Optionally the batching comparison (one
+300-target pass vs. single-target jobs). Not a timed test: run it by hand, e.g.
+
+    flock /tmp/surfing-heavy.lock python bench/surf_bench.py --model dcgan-k10 --targets 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from models_store import ModelStore, default_store_root
+from surfing.lm import levenberg_marquardt
+from surfing.measure import gaussian_matrix
+from surfing.nets import InfoGANGenerator
+from surfing.solvers import SolveResult, StageRule, direct, surf, uniform_latents
+from surfing.trajectory import Generators, final_generator, generators
+
+SUCCESS = 0.01
+
+
+class TimedStages:
+    """Wraps a stage stream and adds up the time the consumer waits in next() (I/O share)."""
+
+    def __init__(self, stages: Generators) -> None:
+        self.stages, self.wait = stages, 0.0
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.stages)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.wait += time.perf_counter() - t0
+                return
+            self.wait += time.perf_counter() - t0
+            yield item
+
+
+def generator_flops(G: torch.nn.Module) -> float:
+    """Multiply-adds x2 of one forward pass for one latent (linear and transposed-conv layers)."""
+    if not isinstance(G, InfoGANGenerator):
+        return float("nan")
+    total = 0.0
+    h = 7
+    for mod in G.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += 2.0 * mod.in_features * mod.out_features
+        elif isinstance(mod, torch.nn.ConvTranspose2d):
+            k = mod.kernel_size[0]
+            total += 2.0 * mod.in_channels * mod.out_channels * k * k * h * h
+            h *= 2
+    return total
+
+
+def matmul_flops(threads: int) -> float:
+    """The machine's fp32 matmul FLOP/s at this thread count (best of a few 1024^3 products)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * 1024**3 / best
+
+
+@dataclass
+class Row:
+    variant: str
+    seconds: float
+    success: float
+    evals: int
+    io: float
+    disk: int
+    probe: float  # seconds of PROBE_STEPS direct-Adam steps timed just before this row
+
+    def fmt(self, base: Row, flops: float, peak: float) -> str:
+        achieved = flops / self.seconds if self.seconds else float("nan")
+        normalised = (self.seconds / self.probe) / (base.seconds / base.probe)
+        return (
+            f"| {self.variant} | {self.seconds:.1f} | {self.seconds / base.seconds:.3f} | "
+            f"{normalised:.3f} | {100 * self.success:.1f} | {self.evals} | "
+            f"{100 * self.io:.1f} | {self.disk / 1e6:.1f} | {100 * achieved / peak:.1f} |"
+        )
+
+
+PROBE_STEPS = 60
+
+
+def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None) -> float:
+    """Time a few direct-Adam steps on the same batch: the machine is shared, so its speed
+    drifts between rows; dividing each row by the probe taken just before it cancels the drift
+    (the 'load-normalised ratio' column)."""
+    t0 = time.perf_counter()
+    direct(G, b, x, A, steps=PROBE_STEPS)
+    return time.perf_counter() - t0
+
+
+def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, peak: float) -> None:
+    manifest = store.manifest(args.model)
+    k, n_pix = manifest.latent_dim, manifest.n_pixels
+    G = final_generator(store, args.model)
+    x_star = uniform_latents(args.targets, k, args.seed)
+    x_init = uniform_latents(args.targets, k, args.seed + 1)
+    A = gaussian_matrix(args.seed + 2, m, n_pix) if m else None
+    with torch.no_grad():
+        y = G(x_star).flatten(1)
+        b = y if A is None else y @ A.T
+    per_fwd = generator_flops(G) * args.targets
+
+    def ok(res: SolveResult) -> float:
+        return float(((res.x - x_star).norm(dim=1) < SUCCESS).float().mean())
+
+    rows: list[tuple[Row, float]] = []
+    probe(G, b, x_init, A)  # warm-up: the first call pays one-off start-up costs
+    pr = probe(G, b, x_init, A)
+    t0 = time.perf_counter()
+    base_res = direct(G, b, x_init, A, steps=2000, lr=args.lr)
+    base = time.perf_counter() - t0
+    row = Row("direct Adam 2000 (baseline)", base, ok(base_res), 2000, 0.0, 0, pr)
+    rows.append((row, per_fwd * 2 * 2000))
+    print(f"  baseline {base:.1f}s success {ok(base_res):.3f} probe {pr:.2f}s", flush=True)
+
+    if args.direct_lm:
+        pr = probe(G, b, x_init, A)
+        t0 = time.perf_counter()
+        lm = levenberg_marquardt(G, x_init, b, A, max_iters=40)
+        dt = time.perf_counter() - t0
+        lm_res = SolveResult(lm.x, lm.objective, int(lm.evals.mean()))
+        row = Row("direct LM (no surfing)", dt, ok(lm_res), lm_res.evals, 0.0, 0, pr)
+        rows.append((row, per_fwd * 2 * float(lm.evals.sum()) / args.targets))
+
+    copies = args.compressed if (m or 0) in args.compressed_m else []
+    for model_id in [args.model, *copies]:
+        disk = sum(c.bytes for c in store.manifest(model_id).checkpoints)
+        for variant in args.variants:
+            if model_id != args.model and variant not in args.compressed_variants:
+                continue
+            stages = TimedStages(generators(store, model_id, args.stride))
+            pr = probe(G, b, x_init, A)
+            t0 = time.perf_counter()
+            res = surf(
+                stages,
+                b,
+                x_init,
+                A,
+                steps=args.steps,
+                lr=args.lr,
+                final_steps=args.final_steps,
+                schedule=variant,
+                rule=StageRule(lm_stage_iters=args.lm_stage_iters) if args.lm_stage_iters else None,
+            )
+            dt = time.perf_counter() - t0
+            name = f"surf {variant}" + ("" if model_id == args.model else f" [{model_id}]")
+            row = Row(name, dt, ok(res), res.evals, stages.wait / dt, disk, pr)
+            rows.append((row, per_fwd * 2 * res.evals))
+            print(
+                f"  {name}: {dt:.1f}s success {ok(res):.3f} evals {res.evals} probe {pr:.2f}s",
+                flush=True,
+            )
+
+    op = "A = I" if A is None else f"Gaussian A, m = {m}"
+    print(f"\n### {args.model}, {op}, {args.targets} targets, {torch.get_num_threads()} threads\n")
+    print(
+        "| variant | wall s | ratio to direct Adam | load-normalised ratio | success % "
+        "| evals/target | I/O % | MB on disk | FLOP/s % of matmul |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row, flops in rows:
+        print(row.fmt(rows[0][0], flops, peak))
+    print(flush=True)
+
+
+def run_batching(args: argparse.Namespace, store: ModelStore) -> None:
+    """One pass with `--batch-targets` targets vs. single-target jobs (sampled, extrapolated)."""
+    k = store.manifest(args.model).latent_dim
+    G = final_generator(store, args.model)
+    n = args.batch_targets
+    x_star, x_init = uniform_latents(n, k, args.seed + 10), uniform_latents(n, k, args.seed + 11)
+    with torch.no_grad():
+        b = G(x_star).flatten(1)
+    t0 = time.perf_counter()
+    together = surf(
+        generators(store, args.model, args.stride),
+        b,
+        x_init,
+        steps=args.steps,
+        lr=args.lr,
+        final_steps=args.final_steps,
+    )
+    batched = time.perf_counter() - t0
+    singles = []
+    for i in range(args.single_jobs):
+        t0 = time.perf_counter()
+        alone = surf(
+            generators(store, args.model, args.stride),
+            b[i : i + 1],
+            x_init[i : i + 1],
+            steps=args.steps,
+            lr=args.lr,
+            final_steps=args.final_steps,
+        )
+        singles.append(time.perf_counter() - t0)
+        diff = float((alone.x - together.x[i : i + 1]).abs().max())
+        print(f"  single job {i}: {singles[-1]:.1f}s, max |x_alone - x_batched| = {diff:.2e}")
+    per_job = sum(singles) / len(singles)
+    print(f"\n### batching, default schedule, {args.model}, A = I\n")
+    print(f"- one {n}-target pass: {batched:.1f} s ({n / batched:.2f} targets/s)")
+    print(
+        f"- single-target job (mean of {len(singles)}): {per_job:.1f} s "
+        f"({1 / per_job:.3f} targets/s)"
+    )
+    print(f"- throughput ratio batched / one-by-one: {per_job * n / batched:.1f}x\n", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--models-dir")
+    p.add_argument("--targets", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--m", type=int, nargs="*", default=[0, 50], help="0 = identity")
+    p.add_argument("--skip-operators", action="store_true", help="only the batching part")
+    p.add_argument("--variants", nargs="+", default=["paper", "adaptive"])
+    p.add_argument("--compressed", nargs="*", default=[], help="compressed copies of --model")
+    p.add_argument("--compressed-variants", nargs="*", default=["paper", "adaptive"])
+    p.add_argument("--compressed-m", type=int, nargs="*", default=[0], help="operators for them")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--final-steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lm-stage-iters", type=int, default=0, help="override StageRule's")
+    p.add_argument("--direct-lm", action="store_true", help="also time LM on G_T alone")
+    p.add_argument("--batch-targets", type=int, default=0, help="0 = skip batching comparison")
+    p.add_argument("--single-jobs", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    store = ModelStore(args.models_dir or default_store_root())
+    peak = matmul_flops(args.threads)
+    print(
+        f"machine: {torch.get_num_threads()} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
+        f"torch {torch.__version__}; CPU only (no GPU in this session)",
+        flush=True,
+    )
+    for m in [] if args.skip_operators else args.m:
+        run_operator(args, store, m or None, peak)
+    print(
+        f"matmul FLOP/s measured again at the end: {matmul_flops(args.threads) / 1e9:.1f} G "
+        "(the machine is shared: the best of the two is the peak to compare against)"
+    )
+    if args.batch_targets:
+        run_batching(args, store)
+
+
+if __name__ == "__main__":
+    main()

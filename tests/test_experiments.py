@@ -1,0 +1,219 @@
+"""Every `surfing experiment` pipeline end to end on tiny networks: flags parse, CSV + PNG +
+a results.md section are written. This checks the plumbing, not the science (seconds each)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from models_store import ModelStore
+from surfing.cli import build_parser
+from surfing.experiments import EXPERIMENTS
+from surfing.solvers import hybrid, uniform_latents
+from surfing.train import TrainConfig, train
+from surfing.trajectory import final_generator, generators
+
+TINY = ["--steps", "3", "--final-steps", "10", "--direct-steps", "10", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A tiny k = 2 VAE trajectory (4 checkpoints) trained on random 'images'."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    s = ModelStore(root)
+    images = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(method="vae", latent_dim=2, width=0.05, epochs=10, max_steps=30, every=10)
+    train(cfg, s, "tiny-k2", images=images, progress=False)
+    return s
+
+
+def run_cli(name: str, store: ModelStore, out: Path, *extra: str) -> object:
+    md = out / "results.md"
+    argv = ["--models-dir", str(store.root), "experiment", name, *extra]
+    argv += ["--out", str(out), "--results-md", str(md)]
+    args = build_parser().parse_args(argv)
+    args.models_dir = str(store.root)
+    return EXPERIMENTS[name].run(args)
+
+
+def check_outputs(out: Path, name: str, files: list[str]) -> None:
+    for f in files:
+        path = out / f
+        assert path.exists() and path.stat().st_size > 0, f
+        if f.endswith(".png"):
+            assert path.stat().st_size < 300_000, f"{f} is too big to commit"
+        if f.endswith(".csv"):
+            with path.open() as fh:
+                assert len(list(csv.DictReader(fh))) > 0
+    text = (out / "results.md").read_text()
+    assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text
+
+
+def test_registry_has_every_experiment() -> None:
+    assert {"table1", "fig1", "fig2", "fig3", "fig4", "baselines", "alg32", "theorem31"} <= set(
+        EXPERIMENTS
+    )
+
+
+def test_fig1(store: ModelStore, tmp_path: Path) -> None:
+    rows = run_cli("fig1", store, tmp_path, "--model", "tiny-k2", "--grid", "9", *TINY)
+    assert len(rows) == 2
+    check_outputs(tmp_path, "fig1", ["fig1_paths.csv", "fig1_surfaces.png"])
+
+
+def test_fig2(store: ModelStore, tmp_path: Path) -> None:
+    rows = run_cli("fig2", store, tmp_path, "--models", "tiny-k2", "--trials", "6", *TINY)
+    assert rows[0]["trials"] == 6
+    check_outputs(tmp_path, "fig2", ["fig2.csv", "fig2_trials.csv", "fig2_distances.png"])
+    # the CSV route reads the same distances back without solving again
+    again = run_cli(
+        "fig2",
+        store,
+        tmp_path / "b",
+        "--models",
+        "tiny-k2",
+        "--trials-csv",
+        str(tmp_path / "fig2_trials.csv"),
+        *TINY,
+    )
+    assert again[0]["surf median dist"] == pytest.approx(rows[0]["surf median dist"])
+
+
+def test_fig2_is_reproducible(store: ModelStore, tmp_path: Path) -> None:
+    for sub in ("a", "b"):
+        run_cli("fig2", store, tmp_path / sub, "--models", "tiny-k2", "--trials", "4", *TINY)
+    a, b = ((tmp_path / sub / "fig2_trials.csv").read_text() for sub in ("a", "b"))
+    assert a == b
+
+
+def test_fig3(store: ModelStore, tmp_path: Path) -> None:
+    rows = run_cli(
+        "fig3",
+        store,
+        tmp_path,
+        "--models",
+        "tiny-k2",
+        "--m",
+        "5",
+        "50",
+        "--trials",
+        "4",
+        "--batch",
+        "3",
+        *TINY,
+    )
+    assert [r["m"] for r in rows] == [5, 50]
+    assert all(0 <= r["surf lo"] <= r["surf rate"] <= r["surf hi"] <= 1 for r in rows)
+    check_outputs(tmp_path, "fig3", ["fig3.csv", "fig3_cs_recovery.png"])
+
+
+def test_fig4(store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surfing.experiments import fig4
+
+    fake = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(fig4, "load_fashion_mnist", lambda split, d=None: (fake, None))
+    table = run_cli(
+        "fig4", store, tmp_path, "--models", "tiny-k2", "--m", "5", "50", "--trials", "4", *TINY
+    )
+    assert [r["m"] for r in table] == [5, 50]
+    check_outputs(tmp_path, "fig4", ["fig4.csv", "fig4_trials.csv", "fig4_rate_distortion.png"])
+
+
+def test_baselines(store: ModelStore, tmp_path: Path) -> None:
+    rows = run_cli(
+        "baselines",
+        store,
+        tmp_path,
+        "--models",
+        "tiny-k2",
+        "--trials",
+        "5",
+        "--restarts",
+        "2",
+        *TINY,
+    )
+    by = {r["solver"]: r for r in rows}
+    assert set(by) == {"surf", "adam x1", "adam x2 =", "restarts x1", "hybrid"}
+    assert by["hybrid"]["hybrid worse than a part"] == 0
+    budget = by["surf"]["evals / target"]
+    assert budget <= by["adam x2 ="]["evals / target"] < budget + 2  # ceil(S / R) * R
+    check_outputs(tmp_path, "baselines", ["baselines.csv", "baselines.png"])
+
+
+def test_baselines_hybrid_matches_solvers_hybrid(store: ModelStore) -> None:
+    """The experiment composes hybrid from its parts; it must equal solvers.hybrid."""
+    from surfing.experiments.baselines import keep_best
+    from surfing.solvers import direct_restarts, surf
+
+    G = final_generator(store, "tiny-k2")
+    x_init = uniform_latents(5, 2, 1)
+    with torch.no_grad():
+        b = G(uniform_latents(5, 2, 0)).flatten(1)
+    kw = dict(steps=3, lr=0.01, final_steps=10)
+    h = hybrid(generators(store, "tiny-k2"), b, x_init, 2, seed=7, direct_steps=10, **kw)
+    s = surf(generators(store, "tiny-k2"), b, x_init, **kw)
+    r = direct_restarts(G, b, 2, seed=7, steps=10, lr=0.01)
+    composed = keep_best(s, r)
+    torch.testing.assert_close(h.objective, composed.objective)
+    torch.testing.assert_close(h.x, composed.x)
+    assert (h.objective <= torch.minimum(s.objective, r.objective)).all()
+
+
+def test_alg32(tmp_path: Path) -> None:
+    summary = run_cli(
+        "alg32",
+        ModelStore(tmp_path / "unused"),
+        tmp_path,
+        "--hidden",
+        "4",
+        "8",
+        "--n",
+        "6",
+        "--train-steps",
+        "6",
+        "--every",
+        "2",
+        "--taus",
+        "0",
+        "0.1",
+        "--trials",
+        "2",
+        "--check-every",
+        "2",
+        "--grid",
+        "21",
+        *TINY,
+    )
+    solvers = [r["solver"] for r in summary]
+    assert "Alg 3.2 tau=0.1" in solvers and "Alg 3.1 (surf, Adam)" in solvers
+    check_outputs(
+        tmp_path, "alg32-k2", ["alg32_k2.csv", "alg32_k2_trials.csv", "alg32_k2_pieces.png"]
+    )
+
+
+def test_theorem31(tmp_path: Path) -> None:
+    summary = run_cli(
+        "theorem31",
+        ModelStore(tmp_path / "unused"),
+        tmp_path,
+        "--ratios",
+        "2",
+        "4",
+        "--nets",
+        "1",
+        "--y-norms",
+        "1",
+        "10",
+        "--starts",
+        "3",
+        "--steps",
+        "30",
+        "--no-progress",
+    )
+    assert {r["operator"] for r in summary} == {"identity", "gaussian"}
+    assert all(r["runs"] == 6 for r in summary)
+    check_outputs(tmp_path, "theorem31", ["theorem31.csv", "theorem31_runs.csv", "theorem31.png"])

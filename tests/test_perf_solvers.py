@@ -1,0 +1,171 @@
+"""Fast solver paths compute what the plain reference computes (tiny networks, milliseconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surfing.lm import jacobian, levenberg_marquardt
+from surfing.measure import gaussian_matrix
+from surfing.nets import build_generator
+from surfing.solvers import (
+    StageRule,
+    adam_descent,
+    adam_stage,
+    split_result,
+    surf,
+    uniform_latents,
+)
+from surfing.trajectory import final_generator, frozen, generators
+from tests.helpers import interpolated_trajectory
+
+INFOGAN = {"kind": "infogan", "latent_dim": 3, "width": 0.05}
+NEVER_STOP = StageRule(min_steps=10**9, patience=10**9)
+
+
+def test_masked_adam_without_stopping_is_torch_adam() -> None:
+    torch.manual_seed(0)
+    G = frozen(build_generator(INFOGAN))
+    b = torch.rand(4, 784)
+    x0 = uniform_latents(4, 3, seed=1)
+    ref, _, used = adam_descent(G, x0, b, None, steps=30, lr=0.01)
+    mine, _, n = adam_stage(G, x0, b, None, max_steps=30, lr=0.01, rule=NEVER_STOP)
+    # adam_stage returns the best *evaluated* latent; the reference returns the last iterate,
+    # so compare against 29 steps of the reference evaluated after its 30th gradient.
+    ref29, _, _ = adam_descent(G, x0, b, None, steps=29, lr=0.01)
+    assert used == 30 and int(n.max()) == 30
+    f_ref29 = 0.5 * (G(ref29).flatten(1) - b).pow(2).sum(1)
+    f_ref = 0.5 * (G(ref).flatten(1) - b).pow(2).sum(1)
+    f_mine = 0.5 * (G(mine).flatten(1) - b).pow(2).sum(1)
+    assert torch.all(f_mine <= torch.minimum(f_ref29, f_ref) + 1e-6)
+
+
+def test_masked_adam_paths_match_torch_adam_step_by_step() -> None:
+    torch.manual_seed(0)
+    G = frozen(build_generator(INFOGAN))
+    b = torch.rand(3, 784)
+    x0 = uniform_latents(3, 3, seed=1)
+    for steps in (1, 2, 7):
+        ref, _, _ = adam_descent(G, x0, b, None, steps=steps, lr=0.05)
+        # one more gradient evaluation lets adam_stage evaluate the reference's last iterate
+        rule = StageRule(min_steps=10**9, patience=10**9, rtol=-1.0)  # "improved" = any drop
+        mine, f, _ = adam_stage(G, x0, b, None, max_steps=steps + 1, lr=0.05, rule=rule)
+        f_ref = 0.5 * (G(ref).flatten(1) - b).pow(2).sum(1)
+        assert torch.all(f <= f_ref + 1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["auto", "adaptive", "adaptive-adam", "lm"])
+def test_masked_batches_give_each_target_its_solo_result(tmp_path: Path, schedule: str) -> None:
+    store = interpolated_trajectory(tmp_path, "batch", n_ckpt=6)
+    G = final_generator(store, "batch")
+    with torch.no_grad():
+        b = G(uniform_latents(5, 2, seed=1)).flatten(1)
+    x0 = uniform_latents(5, 2, seed=2)
+    together = surf(generators(store, "batch"), b, x0, schedule=schedule, final_steps=200)
+    for i in range(5):
+        alone = surf(
+            generators(store, "batch"),
+            b[i : i + 1],
+            x0[i : i + 1],
+            schedule=schedule,
+            final_steps=200,
+        )
+        # Stated tolerance: identical up to float32 batch-size effects in the matmuls.
+        assert torch.allclose(alone.x, together.x[i : i + 1], atol=1e-5), (schedule, i)
+
+
+def test_adaptive_surf_recovers_the_planted_optimum_with_fewer_evals(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "planted", n_ckpt=8)
+    G = final_generator(store, "planted")
+    x_star = uniform_latents(6, 2, seed=3)
+    with torch.no_grad():
+        b = G(x_star).flatten(1)
+    x0 = uniform_latents(6, 2, seed=4)
+    paper = surf(
+        generators(store, "planted"), b, x0, steps=100, lr=0.02, final_steps=1500, schedule="paper"
+    )
+    fast = surf(generators(store, "planted"), b, x0, steps=100, lr=0.02, final_steps=1500)
+    ok_paper = (paper.x - x_star).norm(dim=1) < 1e-2
+    ok_fast = (fast.x - x_star).norm(dim=1) < 1e-2
+    assert ok_paper.all() and ok_fast.all()
+    assert fast.evals < paper.evals / 4
+    assert paper.evals == 7 * 100 + 1500  # the paper schedule is unchanged
+
+
+def test_jacobian_matches_autograd_with_and_without_a() -> None:
+    torch.manual_seed(0)
+    G = frozen(build_generator(INFOGAN))
+    x = uniform_latents(2, 3, seed=5)
+    A = gaussian_matrix(0, 20, 784)
+    for M in (None, A):
+        out, J = jacobian(G, x, M)
+        for i in range(2):
+
+            def f(z: torch.Tensor, M: torch.Tensor | None = M) -> torch.Tensor:
+                y = G(z[None]).flatten()
+                return y if M is None else M @ y
+
+            ref = torch.autograd.functional.jacobian(f, x[i])
+            assert torch.allclose(J[i], ref, atol=1e-6, rtol=1e-4)
+            assert torch.allclose(out[i], f(x[i]), atol=1e-6)
+
+
+def test_lm_converges_in_compressed_sensing_and_keeps_targets_independent() -> None:
+    torch.manual_seed(0)
+    G = frozen(
+        build_generator({"kind": "relu", "latent_dim": 2, "hidden": [20, 60], "out_dim": 100})
+    )
+    A = gaussian_matrix(1, 10, 100)
+    x_star = uniform_latents(4, 2, seed=6)
+    with torch.no_grad():
+        b = G(x_star) @ A.T
+    x0 = x_star + 0.05 * torch.randn(4, 2)
+    res = levenberg_marquardt(G, x0, b, A)
+    assert (res.x - x_star).norm(dim=1).max() < 1e-4
+    solo = levenberg_marquardt(G, x0[2:3], b[2:3], A)
+    assert torch.allclose(solo.x, res.x[2:3], atol=1e-6)
+    assert int(solo.iters[0]) == int(res.iters[2])
+
+
+def test_unknown_schedule_is_refused(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "s", n_ckpt=2)
+    with pytest.raises(ValueError, match="schedule"):
+        surf(generators(store, "s"), torch.zeros(1, 100), torch.zeros(1, 2), schedule="fast")
+
+
+def test_coalesced_jobs_split_back_into_their_solo_results(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "jobs", n_ckpt=5)
+    G = final_generator(store, "jobs")
+    with torch.no_grad():
+        b = G(uniform_latents(5, 2, seed=7)).flatten(1)
+    x0 = uniform_latents(5, 2, seed=8)
+    jobs = [(b[:2], x0[:2]), (b[2:], x0[2:])]
+    together = surf(
+        generators(store, "jobs"), torch.cat([j[0] for j in jobs]), torch.cat([j[1] for j in jobs])
+    )
+    parts = split_result(together, [2, 3])
+    for (bj, xj), part in zip(jobs, parts, strict=True):
+        alone = surf(generators(store, "jobs"), bj, xj)
+        assert torch.allclose(part.x, alone.x, atol=1e-5)
+        assert torch.allclose(part.objective, alone.objective, atol=1e-6, rtol=1e-4)
+        assert part.evals == alone.evals
+        assert len(part.trace) == len(alone.trace) == 5
+        assert part.trace[-1].objective.shape == (xj.shape[0],)
+    with pytest.raises(ValueError, match="add up"):
+        split_result(together, [2, 2])
+
+
+def test_auto_schedule_is_adaptive_for_identity_and_lm_with_a_matrix(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "auto", n_ckpt=4)
+    G = final_generator(store, "auto")
+    A = gaussian_matrix(3, 30, 100)
+    x0 = uniform_latents(3, 2, seed=9)
+    with torch.no_grad():
+        y = G(uniform_latents(3, 2, seed=10)).flatten(1)
+    for M, expected in ((None, "adaptive"), (A, "lm")):
+        b = y if M is None else y @ M.T
+        auto = surf(generators(store, "auto"), b, x0, M)
+        same = surf(generators(store, "auto"), b, x0, M, schedule=expected)
+        assert torch.equal(auto.x, same.x) and auto.evals == same.evals
