@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["surf", "adam", "adam-restarts", "hybrid"]
-Schedule = Literal["adaptive", "adaptive-adam", "lm", "paper"]  # surfing.solvers.SCHEDULES
+Schedule = Literal["auto", "adaptive", "adaptive-adam", "lm", "paper"]  # surfing.solvers.SCHEDULES
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 MODEL_ID_DESCRIPTION = "Trajectory id from GET /models."
@@ -36,8 +36,9 @@ class SolveOptions(BaseModel):
     )
     schedule: Schedule | None = Field(
         None,
-        description="How method=surf spends each stage (surfing.solvers): adaptive (default: "
-        "Adam stages that stop per target when the objective stalls, Levenberg-Marquardt on "
+        description="How method=surf spends each stage (surfing.solvers): auto (default: the "
+        "fastest schedule that held the paper's success rate, currently lm), adaptive (Adam "
+        "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
         "the final network), adaptive-adam (the same with Adam at the end), lm "
         "(Levenberg-Marquardt on every stage), paper (exactly `steps` Adam steps per stage "
         "and `final_steps` at the end, Algorithm 3.1 as published).",

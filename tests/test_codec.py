@@ -139,6 +139,10 @@ def test_surfing_a_compressed_trajectory_lands_on_the_same_latents(tmp_path: Pat
         b = G(x_star).flatten(1)
     a = surf(generators(store, "walk"), b, x0)
     c = surf(generators(store, "walk-q"), b, x0)
-    # Same final network (stored exactly) and an almost identical path: the solutions agree.
-    close = (a.x - c.x).norm(dim=1) < 1e-3
-    assert close.float().mean() >= 5 / 6
+    # Same final network (stored exactly) and an almost identical path: the same targets are
+    # recovered (||x - x*|| < 0.01, the success criterion), and the solutions agree to that
+    # tolerance (this tiny random net leaves the latent weakly determined below ~1e-3).
+    ok_a = (a.x - x_star).norm(dim=1) < 1e-2
+    ok_c = (c.x - x_star).norm(dim=1) < 1e-2
+    assert torch.equal(ok_a, ok_c) and ok_a.float().mean() >= 5 / 6
+    assert (a.x - c.x).norm(dim=1).max() < 1e-2

@@ -157,14 +157,14 @@ def test_coalesced_jobs_split_back_into_their_solo_results(tmp_path: Path) -> No
         split_result(together, [2, 2])
 
 
-def test_auto_schedule_is_adaptive_for_identity_and_lm_with_a_matrix(tmp_path: Path) -> None:
+def test_auto_schedule_is_lm_with_and_without_a_matrix(tmp_path: Path) -> None:
     store = interpolated_trajectory(tmp_path, "auto", n_ckpt=4)
     G = final_generator(store, "auto")
     A = gaussian_matrix(3, 30, 100)
     x0 = uniform_latents(3, 2, seed=9)
     with torch.no_grad():
         y = G(uniform_latents(3, 2, seed=10)).flatten(1)
-    for M, expected in ((None, "adaptive"), (A, "lm")):
+    for M, expected in ((None, "lm"), (A, "lm")):
         b = y if M is None else y @ M.T
         auto = surf(generators(store, "auto"), b, x0, M)
         same = surf(generators(store, "auto"), b, x0, M, schedule=expected)

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     ]
     n_ck = len(flow)
     body = (
-        f"## Algorithm 3.2: projected-gradient surfing, k = {args.k} (not run in the paper)\n\n"
+        f"## Algorithm 3.2: projected-gradient surfing, k = {args.k}"
+        f"{f' ({args.tag})' if args.tag else ''} (not run in the paper)\n\n"
         f"`{command('alg32', args, keys)}` on cpu. Flow: {n_ck} checkpoints of an expansive "
         f"ReLU net {args.k} -> {args.hidden} -> {args.n} (N(0, 1/n_i) weights and biases at "
         f"theta_0) trained by Adam to fit sin({args.omega:g} B x + phi); y = G_T(x*). "

@@ -201,8 +201,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         f"`surfing experiment table1 --models {' '.join(args.models)} --trials {args.trials} "
         f"--steps {args.steps} --final-steps {args.final_steps} --direct-steps {args.direct_steps} "
         f"--lr {args.lr} --stride {args.stride} --seed {args.seed}` on {args.device}. "
-        "`surf` = the paper's schedule (fixed Adam steps per checkpoint); `surf-fast` = our "
-        "default adaptive schedule (docs/performance.md); `adam xR` = Adam from R starts (the "
+        "`surf` = the paper's schedule (fixed Adam steps per checkpoint); `surf-fast` = the "
+        "default schedule (docs/performance.md); `adam xR` = Adam from R starts (the "
         "first is x_init), R matched to surfing's generator evaluations; lowest objective kept."
         "\n\n"
         + markdown_table(summaries)
