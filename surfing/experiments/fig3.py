@@ -94,17 +94,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     png = args.out / "fig3_cs_recovery.png"
     plot(rows, png)
     strides = ", ".join(f"{m}: {sensing.describe_stride(args, m)}" for m in args.models)
-    keys = [
-        "models",
-        "m",
-        "trials",
-        "every_steps",
-        "steps",
-        "final_steps",
-        "direct_steps",
-        "lr",
-        "seed",
-    ]
+    keys = sensing.COMMAND_KEYS
     table = [
         {
             "model": r["model"],

@@ -149,17 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     png = args.out / "fig4_rate_distortion.png"
     plot(rows, png)
     strides = ", ".join(f"{m}: {sensing.describe_stride(args, m)}" for m in args.models)
-    keys = [
-        "models",
-        "m",
-        "trials",
-        "every_steps",
-        "steps",
-        "final_steps",
-        "direct_steps",
-        "lr",
-        "seed",
-    ]
+    keys = sensing.COMMAND_KEYS
     body = (
         "## Figure 4: rate-distortion on held-out test images\n\n"
         f"`{command('fig4', args, keys)}` on {args.device}; checkpoint stride {strides}. "

@@ -19,6 +19,11 @@ from surfing.measure import gaussian_matrix
 from surfing.solvers import SolveResult, direct
 from surfing.trajectory import final_generator, generators
 
+# The flags quoted in the command line of the Fig 3 and Fig 4 sections (same sweep settings).
+COMMAND_KEYS = (
+    "models", "m", "trials", "every_steps", "steps", "final_steps", "direct_steps", "lr", "seed",
+)
+
 
 def add_arguments(p: argparse.ArgumentParser, trials: int) -> None:
     p.add_argument("--models", nargs="+", required=True, help="trajectory ids")
