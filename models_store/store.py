@@ -345,7 +345,9 @@ class ModelStore:
             raise MissingCheckpoint(f"{where}: file {path} is missing") from None
         except SafetensorError as e:
             raise CorruptCheckpoint(f"{where}: not a readable safetensors file: {e}") from None
-        return raw
+        # safetensors hands tensors back in no fixed order; sorted names make every read of a
+        # checkpoint iterate identically (reproducible code downstream depends on it).
+        return dict(sorted(raw.items()))
 
 
 class _Decoder:

@@ -258,3 +258,14 @@ def test_default_store_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert default_store_root() == tmp_path
     monkeypatch.delenv("SURFING_MODELS_DIR")
     assert default_store_root() == Path("data/models")
+
+
+def test_checkpoint_tensors_come_back_in_a_fixed_order(tmp_path: Path) -> None:
+    """safetensors returns names in no fixed order; the store sorts them, so code that
+    iterates a checkpoint (drawing noise per tensor, say) is reproducible."""
+    store = ModelStore(tmp_path)
+    names = [f"layer{i}.weight" for i in (3, 1, 4, 0, 2)]
+    with store.create("order", **META) as w:
+        w.add(0, {n: torch.zeros(2) for n in names})
+    assert list(store.load("order", 0)) == sorted(names)
+    assert list(next(iter(store.checkpoints("order"))).tensors) == sorted(names)
