@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from models_store import ModelStore, default_store_root
+from surfing.experiments.common import link, pyplot, save_figure, solve_batched
 from surfing.experiments.report import markdown_table, write_csv, write_section
 from surfing.solvers import SolveResult, direct, direct_restarts, surf, uniform_latents
 from surfing.trajectory import final_generator, generators
@@ -66,13 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-md", type=Path, default=Path("docs/results.md"))
 
 
-def _batched(fn, n: int, batch: int) -> tuple[SolveResult, float]:
-    """Run fn(lo, hi) over trial chunks, concatenate results, and time the whole thing."""
+def _timed(fn, n: int, batch: int, desc: str) -> tuple[SolveResult, float]:
+    """solve_batched over the trials, with its wall time."""
     t0 = time.perf_counter()
-    parts = [fn(lo, min(n, lo + batch)) for lo in range(0, n, batch)]
-    x = torch.cat([p.x for p in parts])
-    f = torch.cat([p.objective for p in parts])
-    return SolveResult(x, f, parts[0].evals), time.perf_counter() - t0
+    res = solve_batched(fn, n, batch, desc)
+    return res, time.perf_counter() - t0
 
 
 def run_model(
@@ -130,7 +128,7 @@ def run_model(
     )
     paper = PAPER.get((summary["method"], k), (float("nan"), float("nan")))
     for name, fn in runs.items():
-        res, seconds = _batched(fn, args.trials, args.batch)
+        res, seconds = _timed(fn, args.trials, args.batch, f"{model_id} {name}")
         d = (res.x - x_star).norm(dim=1).cpu()
         dist[name] = d
         summary[f"{name} %"] = 100.0 * float((d < SUCCESS).float().mean())
@@ -152,11 +150,7 @@ def run_model(
 
 def plot_histograms(dists: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
     """The paper's Fig 2/5: distribution of ||x_T - x*|| for surf vs. Adam, one panel a model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(dists), figsize=(4 * len(dists), 3), squeeze=False)
     for ax, (model_id, d) in zip(axes[0], dists.items(), strict=False):
         hi = max(float(v.max()) for v in d.values()) or 1.0
@@ -173,10 +167,7 @@ def plot_histograms(dists: dict[str, dict[str, torch.Tensor]], path: Path) -> No
         ax.set_xlabel("distance to the truth")
         ax.set_ylabel("trials")
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -195,7 +186,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             kept = [r for r in csv.DictReader(f) if r["model"] not in args.models]
         summaries = kept + summaries
     write_csv(args.out / "table1.csv", summaries)
-    figure = os.path.relpath(args.out / f"table1_distances{tag}.png", args.results_md.parent)
+    figure = link(args.out / f"table1_distances{tag}.png", args.results_md)
     body = (
         "## Table 1: exact recovery (||x_T - x*|| < 0.01)\n\n"
         f"`surfing experiment table1 --models {' '.join(args.models)} --trials {args.trials} "
