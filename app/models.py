@@ -123,7 +123,10 @@ class JobResult(Base):
     trace: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     evals: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(32))
-    solve_seconds: Mapped[float] = mapped_column(Float)
+    solve_seconds: Mapped[float] = mapped_column(Float)  # of the whole pass
+    # The pass this job was solved in: jobs and targets coalesced into it (1 = ran alone).
+    pass_jobs: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    pass_targets: Mapped[int | None] = mapped_column(Integer)
     reconstruction: Mapped[bytes] = mapped_column(LargeBinary)  # (B, *shape) float32 .npy
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

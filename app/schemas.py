@@ -162,6 +162,14 @@ class JobResultOut(BaseModel):
     )
     evals: int = Field(..., description="Generator forward+backward passes per target.")
     device: str
+    pass_jobs: int = Field(
+        1,
+        description="Jobs solved together in one pass over the trajectory (queued jobs for the "
+        "same model, matrix and options are coalesced); 1 = this job ran alone.",
+    )
+    pass_targets: int | None = Field(
+        None, description="Targets in that pass; timings.solve_s is the pass's solver time."
+    )
     trace: list[StageTraceOut]
     reconstruction_url: str
 

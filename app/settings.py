@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(1.0, ge=0, description="Least gap between db writes.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     warm_cache_mb: int = Field(1024, ge=0, description="Checkpoint cache kept by a worker.")
+    coalesce_max_targets: int = Field(
+        256,
+        ge=0,
+        description="A worker that takes a job also takes queued jobs that can share its pass "
+        "over the trajectory, up to this many targets in all (0 = one job per pass).",
+    )
     torch_threads: int | None = Field(None, ge=1)
     rq_result_ttl_s: int = Field(3600, ge=0)
     rq_failure_ttl_s: int = Field(7 * 24 * 3600, ge=0)

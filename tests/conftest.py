@@ -12,12 +12,15 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from app.db import normalize_url
+from app.db import normalize_url, session_factory, upgrade_database
+from app.settings import Settings
 from models_store import ModelStore
+from tests.helpers import FakeQueue
 
 PG_ADMIN_URL = normalize_url(
     os.environ.get("SURFING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -162,3 +165,27 @@ def redis_url() -> str:
     except Exception as e:
         _unavailable("Redis", e)
     return REDIS_URL
+
+
+@pytest.fixture
+def env(tmp_path: Path, models_dir: Path) -> dict[str, Any]:
+    """A SQLite job database and a queue that records enqueues but runs nothing: tests call
+    the job function and the reaper themselves, so every transition happens on cue."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'r.db'}",
+        redis_url=None,
+        state_dir=tmp_path,
+        models_dir=models_dir,
+        stale_after_s=2.0,
+        heartbeat_interval_s=0.5,
+        progress_interval_s=0.1,
+        max_attempts=2,
+        torch_threads=1,
+    )
+    upgrade_database(settings.sqlalchemy_url)
+    return {
+        "settings": settings,
+        "sessions": session_factory(settings.sqlalchemy_url),
+        "queue": FakeQueue(),
+        "store": ModelStore(models_dir),
+    }

@@ -40,3 +40,30 @@ def interpolated_trajectory(
                 },
             )
     return store
+
+
+class FakeQueue:
+    """Records enqueues; runs nothing."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def enqueue(self, job_id: str) -> str:
+        self.enqueued.append(job_id)
+        return f"{job_id}_{len(self.enqueued)}"
+
+    def discard(self, queue_ref: str | None) -> None: ...
+
+    def depth(self) -> int:
+        return 0
+
+    def workers(self) -> int:
+        return 1
+
+    def ping(self) -> None: ...

@@ -19,64 +19,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.db import session_factory, upgrade_database, utcnow
+from app.db import utcnow
 from app.main import create_app
 from app.models import Job, JobResult
 from app.schemas import SolveOptions
 from app.services.jobs import create_invert_job
 from app.services.reaper import reap_stale_jobs
-from app.settings import Settings
-from models_store import ModelStore
 from worker import jobs as wj
-
-
-class FakeQueue:
-    """Records enqueues; runs nothing."""
-
-    kind = "fake"
-
-    def __init__(self) -> None:
-        self.enqueued: list[str] = []
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def enqueue(self, job_id: str) -> str:
-        self.enqueued.append(job_id)
-        return f"{job_id}_{len(self.enqueued)}"
-
-    def discard(self, queue_ref: str | None) -> None: ...
-
-    def depth(self) -> int:
-        return 0
-
-    def workers(self) -> int:
-        return 1
-
-    def ping(self) -> None: ...
-
-
-@pytest.fixture
-def env(tmp_path: Path, models_dir: Path) -> dict[str, Any]:
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'r.db'}",
-        redis_url=None,
-        state_dir=tmp_path,
-        models_dir=models_dir,
-        stale_after_s=2.0,
-        heartbeat_interval_s=0.5,
-        progress_interval_s=0.1,
-        max_attempts=2,
-        torch_threads=1,
-    )
-    upgrade_database(settings.sqlalchemy_url)
-    return {
-        "settings": settings,
-        "sessions": session_factory(settings.sqlalchemy_url),
-        "queue": FakeQueue(),
-        "store": ModelStore(models_dir),
-    }
 
 
 def new_job(env: dict[str, Any], **options: Any) -> str:
@@ -157,7 +106,7 @@ def test_superseded_attempt_cannot_write(env: dict[str, Any]) -> None:
     with pytest.raises(wj.JobAborted):
         wj._finish(sessions, jid, 1, 1, None, _result(jid, 1))
     assert wj.fail(sessions, jid, 1, "late failure") is False
-    hb = wj.Heartbeat(sessions, jid, 1, 0.05)
+    hb = wj.Heartbeat(sessions, [wj.Member(jid, 1)], 0.05)
     hb.start()
     assert hb.lost.wait(2)
     # Attempt 2 finishes normally.

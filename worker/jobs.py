@@ -13,6 +13,11 @@ Life of an attempt:
 4. *Finish*: results are written only if the row is still `running` with *this* attempt, in
    the same transaction as the status change, so a late or retried attempt never clobbers a
    newer one and a canceled job stays canceled.
+
+An attempt may carry companions (`worker.coalesce`): queued jobs for the same model, matrix and
+options claimed right after the job itself and solved in the same pass over the trajectory.
+Every step above is then done per job (each has its own attempt, guard and result); losing
+one job (canceled, re-queued) drops only that job, and the pass stops once every job is lost.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -43,11 +48,13 @@ from surfing.solvers import (
     direct,
     direct_restarts,
     hybrid,
+    split_result,
     surf,
     uniform_latents,
 )
 from surfing.trajectory import final_generator, generators
 from worker.cache import WarmStore
+from worker.coalesce import find_companions
 
 log = logging.getLogger(__name__)
 
@@ -157,39 +164,75 @@ def fail(
         return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
+@dataclass
+class Member:
+    """One job of a pass: its id, the attempt this worker holds, and whether it slipped away
+    (canceled or re-queued behind our back: nothing more is written for it)."""
+
+    job_id: str
+    attempt: int
+    lost: bool = False
+
+
+def _live(members: list[Member]) -> list[Member]:
+    return [m for m in members if not m.lost]
+
+
+def touch(
+    sessions: sessionmaker[Session], members: list[Member], rows: dict[str, dict[str, Any]]
+) -> None:
+    """Guarded per-job UPDATEs (`rows[job_id]` for each live member) in one transaction;
+    members whose row no longer belongs to their attempt are marked lost."""
+    live = _live(members)
+    if not live:
+        return
+    stmt = (
+        update(Job)
+        .where(Job.id == bindparam("jid"), Job.attempt == bindparam("att"), Job.status == RUNNING)
+        .execution_options(synchronize_session=False)
+    )
+    params = [{"jid": m.job_id, "att": m.attempt, **rows[m.job_id]} for m in live]
+    with sessions() as s:
+        s.connection().execute(stmt, params)
+        ours = set(
+            s.scalars(
+                select(Job.id).where(
+                    tuple_(Job.id, Job.attempt).in_([(m.job_id, m.attempt) for m in live]),
+                    Job.status == RUNNING,
+                )
+            )
+        )
+        s.commit()
+    for m in live:
+        if m.job_id not in ours:
+            m.lost = True
+
+
 class Heartbeat(threading.Thread):
-    """Refreshes heartbeat_at; sets `lost` when the row no longer belongs to this attempt."""
+    """Refreshes heartbeat_at of every job in the pass; sets `lost` once none is ours any more."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], job_id: str, attempt: int, interval: float
+        self, sessions: sessionmaker[Session], members: list[Member], interval: float
     ) -> None:
-        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
-        self.sessions, self.job_id, self.attempt, self.interval = (
-            sessions,
-            job_id,
-            attempt,
-            interval,
-        )
+        super().__init__(name=f"heartbeat-{members[0].job_id[:8]}", daemon=True)
+        self.sessions, self.members, self.interval = sessions, members, interval
         self.lost = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                with self.sessions() as s:
-                    now = utcnow()
-                    res = s.execute(
-                        update(Job)
-                        .where(*_guard(self.job_id, self.attempt))
-                        .values(heartbeat_at=now)
-                        .execution_options(synchronize_session=False)
-                    )
-                    s.commit()
-                if not res.rowcount:  # type: ignore[attr-defined]
-                    self.lost.set()
-                    return
+                now = utcnow()
+                touch(
+                    self.sessions,
+                    self.members,
+                    {m.job_id: {"heartbeat_at": now} for m in self.members},
+                )
             except SQLAlchemyError as e:  # a db blip must not kill the job; retry next beat
-                log.warning("heartbeat for job %s failed: %s", self.job_id, e)
+                log.warning("heartbeat for job %s failed: %s", self.members[0].job_id, e)
+            if not _live(self.members):
+                self.lost.set()
+                return
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -197,11 +240,13 @@ class Heartbeat(threading.Thread):
 
 @dataclass
 class Tracker:
-    """Progress, cancellation and timeout checks, called from inside the solver."""
+    """Progress, cancellation and timeout checks, called from inside the solver.
+
+    `sizes[i]` targets of the pass belong to `members[i]`; progress objectives are per job."""
 
     sessions: sessionmaker[Session]
-    job_id: str
-    attempt: int
+    members: list[Member]
+    sizes: list[int]
     stages: int
     interval: float
     deadline: float
@@ -210,11 +255,11 @@ class Tracker:
     b: torch.Tensor
     A: torch.Tensor | None
     completed: int = 0
-    objective: float | None = None
+    objective: torch.Tensor | None = None  # (B,) per target, latest known
     last_write: float = field(default_factory=lambda: 0.0)
 
     def check(self) -> None:
-        if self.heartbeat.lost.is_set():
+        if self.heartbeat.lost.is_set() or not _live(self.members):
             raise JobAborted("job was canceled or re-queued")
         if time.monotonic() > self.deadline:
             raise JobTimedOut(f"timed out after {self.timeout_s} s (SURFING_JOB_TIMEOUT_S)")
@@ -223,7 +268,7 @@ class Tracker:
         """surfing's per-stage callback."""
         self.check()
         self.completed = info.stage + 1
-        self.objective = info.objective_mean
+        self.objective = info.objective.detach().double().cpu()
         self.maybe_write()
 
     def on_forward(self, _module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -234,6 +279,7 @@ class Tracker:
         if isinstance(output, torch.Tensor) and not _is_transformed(output):
             # Inside torch.func transforms (vmap/jvp, as Levenberg-Marquardt uses) values
             # cannot be read out; the next plain forward pass reports the objective instead.
+            # Only full-batch passes are read: after masking, rows no longer map to jobs.
             with torch.no_grad():
                 out = output.detach().flatten(1)
                 if self.A is not None:
@@ -242,8 +288,18 @@ class Tracker:
                 if out.shape[0] != b.shape[0] and out.shape[0] % b.shape[0] == 0:
                     b = b.repeat(out.shape[0] // b.shape[0], 1)  # restarts run as one batch
                 if out.shape == b.shape:
-                    self.objective = float(0.5 * (out - b).pow(2).sum(dim=1).mean())
+                    f = 0.5 * (out - b).pow(2).sum(dim=1).double().cpu()
+                    self.objective = f.view(-1, self.b.shape[0]).mean(0)
         self.maybe_write()
+
+    def _objectives(self) -> list[float | None]:
+        if self.objective is None:
+            return [None] * len(self.members)
+        values = []
+        for part in self.objective.split(self.sizes):
+            v = float(part.mean())
+            values.append(v if math.isfinite(v) else None)
+        return values
 
     def maybe_write(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -251,24 +307,19 @@ class Tracker:
             return
         self.last_write = now
         stamp = utcnow()
-        objective = (
-            self.objective if self.objective is None or math.isfinite(self.objective) else None
-        )
-        with self.sessions() as s:
-            res = s.execute(
-                update(Job)
-                .where(*_guard(self.job_id, self.attempt))
-                .values(
-                    stage=min(self.completed + 1, self.stages),
-                    stages=self.stages,
-                    objective=objective,
-                    progress_at=stamp,
-                    heartbeat_at=stamp,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            s.commit()
-        if not res.rowcount:  # type: ignore[attr-defined]
+        stage = min(self.completed + 1, self.stages)
+        rows = {
+            m.job_id: {
+                "stage": stage,
+                "stages": self.stages,
+                "objective": objective,
+                "progress_at": stamp,
+                "heartbeat_at": stamp,
+            }
+            for m, objective in zip(self.members, self._objectives(), strict=True)
+        }
+        touch(self.sessions, self.members, rows)
+        if not _live(self.members):
             raise JobAborted("job was canceled or re-queued")
 
 
@@ -305,7 +356,8 @@ def _opts(params: dict[str, Any], *names: str) -> dict[str, Any]:
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Run one attempt of job `job_id` (RQ calls this with the id only)."""
+    """Run one attempt of job `job_id` (RQ calls this with the id only), together with the
+    queued jobs that can share its pass over the trajectory."""
     settings = settings or get_settings()
     sessions = session_factory(settings.sqlalchemy_url)
     me = worker_name()
@@ -313,19 +365,32 @@ def run_job(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
     if attempt is None:
         log.info("job %s is not queued any more (canceled or taken); skipping", job_id)
         return {"job_id": job_id, "skipped": True}
-    log.info("job %s: attempt %d on %s", job_id, attempt, me)
-    beat = Heartbeat(sessions, job_id, attempt, settings.heartbeat_interval_s)
-    beat.start()
+    members = [Member(job_id, attempt)]
+    beat: Heartbeat | None = None
     try:
-        return _execute(sessions, job_id, attempt, settings, beat)
+        if settings.coalesce_max_targets > 0:
+            for other in find_companions(sessions, job_id, settings.coalesce_max_targets):
+                other_attempt = claim(sessions, other, me)
+                if other_attempt is not None:
+                    members.append(Member(other, other_attempt))
+        log.info(
+            "job %s: attempt %d on %s%s",
+            job_id,
+            attempt,
+            me,
+            f" with {len(members) - 1} coalesced job(s)" if len(members) > 1 else "",
+        )
+        beat = Heartbeat(sessions, members, settings.heartbeat_interval_s)
+        beat.start()
+        return _execute(sessions, members, settings, beat)
     except JobAborted as e:
         log.info("job %s attempt %d stopped: %s", job_id, attempt, e)
         return {"job_id": job_id, "aborted": str(e)}
     except JobTimedOut as e:
-        fail(sessions, job_id, attempt, str(e))
+        _fail_all(sessions, members, str(e))
         return {"job_id": job_id, "failed": str(e)}
     except StoreError as e:
-        fail(sessions, job_id, attempt, f"model store: {e}")
+        _fail_all(sessions, members, f"model store: {e}")
         return {"job_id": job_id, "failed": str(e)}
     except Exception as e:
         # Includes RQ's JobTimeoutException; re-raised so RQ records it as well.
@@ -335,80 +400,104 @@ def run_job(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
             if name == "JobTimeoutException"
             else f"{name}: {e}"
         )
-        fail(sessions, job_id, attempt, reason)
+        _fail_all(sessions, members, reason)
         raise
     finally:
-        beat.stop()
+        if beat is not None:
+            beat.stop()
 
 
-def _execute(
-    sessions: sessionmaker[Session],
-    job_id: str,
-    attempt: int,
-    settings: Settings,
-    beat: Heartbeat,
-) -> dict[str, Any]:
-    started = time.monotonic()
+def _fail_all(sessions: sessionmaker[Session], members: list[Member], reason: str) -> None:
+    for m in _live(members):
+        fail(sessions, m.job_id, m.attempt, reason)
+
+
+@dataclass
+class Pass:
+    """The inputs of every job in one pass, concatenated in member order."""
+
+    kind: str
+    model_id: str
+    method: str
+    params: dict[str, Any]  # the first job's; the others differ only in PER_JOB_PARAMS
+    stages_total: int
+    b: torch.Tensor  # (B, n) images or (B, m) measurements
+    x0: torch.Tensor  # (B, k)
+    A: torch.Tensor | None
+    sizes: list[int]  # targets per member
+    targets: list[torch.Tensor | None]  # per member: the true images, when known
+    started_at: list[Any]  # per member
+    given_x0: bool  # the first job's x_init was given (only matters for restarts)
+
+
+def _load_pass(
+    sessions: sessionmaker[Session], members: list[Member], n: int, k: int, device: torch.device
+) -> Pass:
+    jobs = []
     with sessions() as s:
-        job = s.scalars(select(Job).where(Job.id == job_id).options(selectinload(Job.inputs))).one()
-        kind, model_id, method, params = job.kind, job.model_id, job.method, dict(job.params)
-        inputs = job.inputs
-        started_at = job.started_at
-        stages_total = job.stages or params.get("stages") or 1
-
-    device = pick_device(settings)
-    store = warm_store(settings, device)
-    manifest = store.manifest(model_id)
-    n = manifest.n_pixels
-    k = manifest.latent_dim
-    target = (
-        torch.from_numpy(arrays.from_npy(inputs.target)).to(device)
-        if inputs.target is not None
-        else None
-    )
+        for m in members:
+            job = s.scalars(
+                select(Job).where(Job.id == m.job_id).options(selectinload(Job.inputs))
+            ).one()
+            s.expunge(job)
+            jobs.append(job)
+    first = jobs[0]
     A: torch.Tensor | None = None
-    if kind == "invert":
-        assert target is not None
-        b = target.flatten(1)
-    else:
-        b = torch.from_numpy(arrays.from_npy(inputs.measurements)).to(device)
-        if inputs.matrix is not None:
-            A = torch.from_numpy(arrays.from_npy(inputs.matrix))
+    if first.kind == "cs":
+        inp = first.inputs
+        if inp.matrix is not None:
+            A = torch.from_numpy(arrays.from_npy(inp.matrix))
         else:
-            A = gaussian_matrix(int(inputs.matrix_seed), int(inputs.m), n)
+            A = gaussian_matrix(int(inp.matrix_seed), int(inp.m), n)
         A = A.to(device)
-    batch = b.shape[0]
-    seed = int(params.get("seed", 0))
-    given_x0 = inputs.x_init is not None
-    x0 = (
-        torch.from_numpy(arrays.from_npy(inputs.x_init)).to(device)
-        if given_x0
-        else uniform_latents(batch, k, seed, device)
+    bs, x0s, targets = [], [], []
+    for job in jobs:
+        inp = job.inputs
+        target = (
+            torch.from_numpy(arrays.from_npy(inp.target)).to(device)
+            if inp.target is not None
+            else None
+        )
+        if job.kind == "invert":
+            assert target is not None
+            b = target.flatten(1)
+        else:
+            b = torch.from_numpy(arrays.from_npy(inp.measurements)).to(device)
+        x0 = (
+            torch.from_numpy(arrays.from_npy(inp.x_init)).to(device)
+            if inp.x_init is not None
+            else uniform_latents(b.shape[0], k, int(job.params.get("seed", 0)), device)
+        )
+        bs.append(b)
+        x0s.append(x0)
+        targets.append(target)
+    return Pass(
+        kind=first.kind,
+        model_id=first.model_id,
+        method=first.method,
+        params=dict(first.params),
+        stages_total=int(first.stages or first.params.get("stages") or 1),
+        b=torch.cat(bs),
+        x0=torch.cat(x0s),
+        A=A,
+        sizes=[b.shape[0] for b in bs],
+        targets=targets,
+        started_at=[job.started_at for job in jobs],
+        given_x0=first.inputs.x_init is not None,
     )
 
-    tracker = Tracker(
-        sessions=sessions,
-        job_id=job_id,
-        attempt=attempt,
-        stages=int(stages_total),
-        interval=settings.progress_interval_s,
-        deadline=started + settings.job_timeout_s,
-        timeout_s=settings.job_timeout_s,
-        heartbeat=beat,
-        b=b,
-        A=A,
-    )
-    tracker.maybe_write(force=True)
+
+def _solve(job: Pass, store: WarmStore, device: torch.device, tracker: Tracker) -> SolveResult:
+    """Run the job's method on the whole pass."""
+    params, model_id, b, x0, A = job.params, job.model_id, job.b, job.x0, job.A
+    seed = int(params.get("seed", 0))
     stride = int(params.get("stride", 1))
     lr_tol = _opts(params, "lr", "tol")
     restarts = int(params.get("restarts") or 4)
-
-    t0 = time.perf_counter()
-    res: SolveResult
-    if method in ("surf", "hybrid"):
+    if job.method in ("surf", "hybrid"):
         stages = _Hooked(generators(store, model_id, stride=stride, device=device), tracker)
-        if method == "surf":
-            res = surf(
+        if job.method == "surf":
+            return surf(
                 stages,
                 b,
                 x0,
@@ -417,73 +506,128 @@ def _execute(
                 **_opts(params, "steps", "final_steps", "schedule"),
                 **lr_tol,
             )
-        else:
-            # seed + 1 for the restarts: with the same seed the first restart would repeat x0.
-            res = hybrid(
-                stages,
-                b,
-                x0,
-                restarts,
-                seed + 1,
-                A,
-                progress=tracker.on_stage,
-                **_opts(params, "steps", "final_steps", "direct_steps"),
-                **lr_tol,
-            )
-    else:
-        G = final_generator(store, model_id, device=device)
-        G.register_forward_hook(tracker.on_forward)
-        steps = _opts(params, "direct_steps")
-        if "direct_steps" in steps:
-            steps = {"steps": steps["direct_steps"]}
-        if method == "adam":
-            res = direct(G, b, x0, A, **steps, **lr_tol)
-        else:
-            res = direct_restarts(
-                G, b, restarts, seed, A, x0 if given_x0 else None, **steps, **lr_tol
-            )
+        # seed + 1 for the restarts: with the same seed the first restart would repeat x0.
+        return hybrid(
+            stages,
+            b,
+            x0,
+            restarts,
+            seed + 1,
+            A,
+            progress=tracker.on_stage,
+            **_opts(params, "steps", "final_steps", "direct_steps"),
+            **lr_tol,
+        )
+    G = final_generator(store, model_id, device=device)
+    G.register_forward_hook(tracker.on_forward)
+    steps = _opts(params, "direct_steps")
+    if "direct_steps" in steps:
+        steps = {"steps": steps["direct_steps"]}
+    if job.method == "adam":
+        return direct(G, b, x0, A, **steps, **lr_tol)
+    return direct_restarts(G, b, restarts, seed, A, x0 if job.given_x0 else None, **steps, **lr_tol)
+
+
+def _execute(
+    sessions: sessionmaker[Session],
+    members: list[Member],
+    settings: Settings,
+    beat: Heartbeat,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    device = pick_device(settings)
+    store = warm_store(settings, device)
+    with sessions() as s:
+        model_id = s.scalar(select(Job.model_id).where(Job.id == members[0].job_id))
+    manifest = store.manifest(str(model_id))
+    n, k = manifest.n_pixels, manifest.latent_dim
+    job = _load_pass(sessions, members, n, k, device)
+
+    tracker = Tracker(
+        sessions=sessions,
+        members=members,
+        sizes=job.sizes,
+        stages=job.stages_total,
+        interval=settings.progress_interval_s,
+        deadline=started + settings.job_timeout_s,
+        timeout_s=settings.job_timeout_s,
+        heartbeat=beat,
+        b=job.b,
+        A=job.A,
+    )
+    tracker.maybe_write(force=True)
+    t0 = time.perf_counter()
+    res = _solve(job, store, device, tracker)
     solve_s = time.perf_counter() - t0
     tracker.check()
 
-    G_T = final_generator(store, model_id, device=device)
+    G_T = final_generator(store, job.model_id, device=device)
     with torch.no_grad():
         recon = G_T(res.x.to(device))
-        flat = recon.flatten(1)
-        pixel_error = (
-            ((flat - target.flatten(1)).pow(2).sum(dim=1) / n).cpu().tolist()
-            if target is not None
-            else None
-        )
         residual = (
-            ((flat @ A.T - b).pow(2).sum(dim=1) / A.shape[0]).cpu().tolist()
-            if A is not None
+            (recon.flatten(1) @ job.A.T - job.b).pow(2).sum(dim=1) / job.A.shape[0]
+            if job.A is not None
             else None
         )
-    trace = [{**t.to_dict(), "stage": t.stage + 1} for t in res.trace]
-    objective = res.objective.detach().cpu().double().tolist()
-    latent = res.x.detach().cpu().double().tolist()
-    _finish(
-        sessions,
-        job_id,
-        attempt,
-        stages_total=int(stages_total),
-        started_at=started_at,
-        result=JobResult(
-            job_id=job_id,
-            attempt=attempt,
-            latent=latent,
-            objective=[_finite(v) for v in objective],
+    parts = split_result(res, job.sizes) if len(members) > 1 else [res]
+    written, lo = [], 0
+    for i, (member, part) in enumerate(zip(members, parts, strict=True)):
+        hi = lo + job.sizes[i]
+        target = job.targets[i]
+        with torch.no_grad():
+            mine = recon[lo:hi]
+            pixel_error = (
+                ((mine.flatten(1) - target.flatten(1)).pow(2).sum(dim=1) / n).cpu().tolist()
+                if target is not None
+                else None
+            )
+        result = JobResult(
+            job_id=member.job_id,
+            attempt=member.attempt,
+            latent=part.x.detach().cpu().double().tolist(),
+            objective=[_finite(v) for v in part.objective.detach().cpu().double().tolist()],
             pixel_error=None if pixel_error is None else [_finite(v) for v in pixel_error],
-            measurement_residual=None if residual is None else [_finite(v) for v in residual],
-            trace=trace,
-            evals=int(res.evals),
+            measurement_residual=None
+            if residual is None
+            else [_finite(v) for v in residual[lo:hi].cpu().double().tolist()],
+            trace=[{**t.to_dict(), "stage": t.stage + 1} for t in part.trace],
+            evals=int(part.evals),
             device=str(device),
             solve_seconds=solve_s,
-            reconstruction=arrays.to_npy(recon.detach().cpu().numpy().astype("float32")),
-        ),
+            pass_jobs=len(members),
+            pass_targets=int(job.b.shape[0]),
+            reconstruction=arrays.to_npy(mine.detach().cpu().numpy().astype("float32")),
+        )
+        lo = hi
+        if member.lost:
+            continue
+        try:
+            _finish(
+                sessions, member.job_id, member.attempt, job.stages_total, job.started_at[i], result
+            )
+            written.append(member.job_id)
+        except JobAborted as e:  # this one was canceled at the last moment; the rest stand
+            member.lost = True
+            log.info("job %s attempt %d not written: %s", member.job_id, member.attempt, e)
+    if not written:
+        raise JobAborted(
+            "every job of the pass was canceled or re-queued before its result was written"
+        )
+    log.info(
+        "job %s attempt %d succeeded in %.2f s (%d job(s), %d targets in the pass)",
+        members[0].job_id,
+        members[0].attempt,
+        solve_s,
+        len(members),
+        job.b.shape[0],
     )
-    log.info("job %s attempt %d succeeded in %.2f s", job_id, attempt, solve_s)
-    return {"job_id": job_id, "attempt": attempt, "objective": objective}
+    return {
+        "job_id": members[0].job_id,
+        "attempt": members[0].attempt,
+        "objective": parts[0].objective.detach().cpu().double().tolist(),
+        "coalesced": [m.job_id for m in members[1:]],
+        "written": written,
+    }
 
 
 def _finite(v: float) -> float | None:

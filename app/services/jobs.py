@@ -399,6 +399,8 @@ def job_view(job: Job, now: datetime) -> dict[str, Any]:
             "measurement_residual": result.measurement_residual,
             "evals": result.evals,
             "device": result.device,
+            "pass_jobs": result.pass_jobs,
+            "pass_targets": result.pass_targets,
             "trace": result.trace,
             "reconstruction_url": links["reconstruction"],
         },

@@ -1,0 +1,92 @@
+"""Coalescing: one pass over a trajectory for every queued job that can share it.
+
+Targets are independent under surfing (see `surfing.solvers`), so jobs for the same model with
+the same measurement matrix and the same solver options can run as one batch: each checkpoint
+is loaded and evaluated once for all of them, which is where batching's throughput comes from
+(docs/performance.md). Each job still gets exactly its own result (`split_result`), its own
+seeded starting points and its own guarded status transitions; the batch is only a way of
+doing the arithmetic.
+
+A job may join another's pass only when that cannot change its answer:
+- same kind, model, method and options (the seed excepted: starting points are drawn per job);
+- the same matrix A (same seed and m, or byte-identical explicit matrices);
+- a method whose per-target path ignores the rest of the batch. Restart methods draw their
+  starts for the whole batch from one seed, and Adam with a gradient tolerance stops when
+  *every* target is below it, so those always run alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from app.models import Job, JobStatus
+
+# Options that differ per job without changing how its targets are solved.
+PER_JOB_PARAMS = frozenset({"seed", "x_init", "source", "true_image"})
+# How many queued jobs one claim looks at (oldest first); the rest wait for the next pass.
+SCAN_LIMIT = 500
+
+
+def can_share_pass(method: str, params: dict[str, Any]) -> bool:
+    """True when a job's targets follow the same path inside a bigger batch as alone."""
+    if method == "surf":
+        return params.get("tol") is None or params.get("schedule") not in (None, "paper")
+    if method == "adam":
+        return params.get("tol") is None
+    return False  # hybrid, adam-restarts: restart starts are drawn for the batch as a whole
+
+
+def pass_key(job: Job) -> str | None:
+    """Jobs with equal keys can share a pass; None = this job always runs alone."""
+    params = dict(job.params)
+    if not can_share_pass(job.method, params):
+        return None
+    shared = {k: v for k, v in sorted(params.items()) if k not in PER_JOB_PARAMS}
+    matrix = job.inputs.matrix
+    digest = hashlib.sha256(matrix).hexdigest() if matrix is not None else None
+    return json.dumps(
+        [job.kind, job.model_id, job.method, shared, job.inputs.matrix_seed, job.inputs.m, digest],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def find_companions(sessions: sessionmaker[Session], leader_id: str, max_targets: int) -> list[str]:
+    """Queued jobs that can join the leader's pass, oldest first, while the pass holds at most
+    `max_targets` targets. The caller claims them one by one with the usual guarded
+    `queued -> running` UPDATE, so one that another worker took (or a client canceled) in the
+    meantime is simply skipped; the queue entries of claimed jobs stay behind and are skipped
+    as "not queued" when a worker pops them."""
+    with sessions() as s:
+        leader = s.scalars(
+            select(Job).where(Job.id == leader_id).options(selectinload(Job.inputs))
+        ).one()
+        key = pass_key(leader)
+        room = max_targets - leader.n_targets
+        if key is None or room <= 0:
+            return []
+        candidates = s.scalars(
+            select(Job)
+            .where(
+                Job.status == JobStatus.queued.value,
+                Job.model_id == leader.model_id,
+                Job.kind == leader.kind,
+                Job.method == leader.method,
+                Job.id != leader_id,
+                Job.n_targets <= room,
+            )
+            .order_by(Job.created_at, Job.id)
+            .limit(SCAN_LIMIT)
+            .options(selectinload(Job.inputs))
+        ).all()
+        chosen = []
+        for job in candidates:
+            if job.n_targets <= room and pass_key(job) == key:
+                chosen.append(job.id)
+                room -= job.n_targets
+        return chosen
