@@ -34,8 +34,11 @@ def invert_job(env: dict[str, Any], value: float, **options: Any) -> str:
         ).id
 
 
-def cs_job(env: dict[str, Any], matrix_seed: int, **options: Any) -> str:
+def cs_job(
+    env: dict[str, Any], matrix_seed: int, matrix: list[list[float]] | None = None, **options: Any
+) -> str:
     opts = SolveOptions.model_validate({"method": "surf", **options})
+    m = 20 if matrix is None else len(matrix)
     with env["sessions"]() as s:
         return create_cs_job(
             s,
@@ -44,19 +47,17 @@ def cs_job(env: dict[str, Any], matrix_seed: int, **options: Any) -> str:
             env["queue"],
             "tiny",
             opts,
-            [0.1] * 20,
-            MatrixSeed(seed=matrix_seed, m=20),
+            [0.1] * m,
+            MatrixSeed(seed=matrix_seed, m=20) if matrix is None else matrix,
             None,
             "test",
         ).id
 
 
 def key(env: dict[str, Any], job_id: str) -> str | None:
-    from sqlalchemy import select
-    from sqlalchemy.orm import selectinload
-
     with env["sessions"]() as s:
-        job = s.scalars(select(Job).where(Job.id == job_id).options(selectinload(Job.inputs))).one()
+        job = s.get(Job, job_id)
+        assert job is not None
         return pass_key(job)
 
 
@@ -74,6 +75,7 @@ def test_only_jobs_with_the_same_answer_path_share_a_pass(env: dict[str, Any]) -
     assert key(env, invert_job(env, 0.2, seed=1, steps=7)) != a  # other options
     assert key(env, invert_job(env, 0.2, seed=1, schedule="paper", tol=1e-3)) is None
     assert key(env, invert_job(env, 0.2, seed=1, schedule="lm", tol=1e-3)) is not None
+    assert key(env, invert_job(env, 0.2, seed=1, tol=1e-3)) is not None  # default schedule
     assert key(env, invert_job(env, 0.2, method="hybrid")) is None  # restarts drawn per batch
     assert key(env, invert_job(env, 0.2, method="adam", tol=1e-3)) is None
     assert key(env, cs_job(env, 3)) == key(env, cs_job(env, 3, seed=5))
@@ -110,6 +112,19 @@ def test_a_pass_gives_every_job_its_solo_result(env: dict[str, Any], schedule: s
             assert mine.evals == ref.evals
         else:  # float32 rounding differs with the batch size; LM's stopping test may
             assert abs(mine.evals - ref.evals) <= 0.2 * ref.evals  # take one more step
+
+
+def test_explicit_matrices_must_be_equal_to_share_a_pass(env: dict[str, Any]) -> None:
+    rng = np.random.default_rng(0)
+    a1, a2 = (rng.normal(size=(5, 784)).round(3).tolist() for _ in range(2))
+    opts = {"steps": 2, "final_steps": 2}
+    ids = [
+        cs_job(env, 0, a1, **opts),
+        cs_job(env, 0, a2, **opts),
+        cs_job(env, 0, a1, seed=3, **opts),
+    ]
+    assert wj.run_job(ids[0], env["settings"])["coalesced"] == [ids[2]]
+    assert [outcome(env, j)[0].status for j in ids] == ["succeeded", "queued", "succeeded"]
 
 
 def test_a_pass_respects_its_target_cap(env: dict[str, Any]) -> None:

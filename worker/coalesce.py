@@ -22,9 +22,9 @@ import json
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Job, JobStatus
+from app.models import Job, JobInput, JobStatus
 
 # Options that differ per job without changing how its targets are solved.
 PER_JOB_PARAMS = frozenset({"seed", "x_init", "source", "true_image"})
@@ -34,26 +34,27 @@ SCAN_LIMIT = 500
 
 def can_share_pass(method: str, params: dict[str, Any]) -> bool:
     """True when a job's targets follow the same path inside a bigger batch as alone."""
-    if method == "surf":
-        return params.get("tol") is None or params.get("schedule") not in (None, "paper")
+    if method == "surf":  # only the paper schedule's tol is a whole-batch test
+        return params.get("tol") is None or params.get("schedule", "auto") != "paper"
     if method == "adam":
         return params.get("tol") is None
     return False  # hybrid, adam-restarts: restart starts are drawn for the batch as a whole
 
 
 def pass_key(job: Job) -> str | None:
-    """Jobs with equal keys can share a pass; None = this job always runs alone."""
+    """Jobs with equal keys can share a pass if their explicit matrices (if any) are equal too;
+    None = this job always runs alone. The params hold the matrix spec ({seed, m} or
+    "explicit"), so rows need not be loaded with their arrays to be compared."""
     params = dict(job.params)
     if not can_share_pass(job.method, params):
         return None
     shared = {k: v for k, v in sorted(params.items()) if k not in PER_JOB_PARAMS}
-    matrix = job.inputs.matrix
-    digest = hashlib.sha256(matrix).hexdigest() if matrix is not None else None
-    return json.dumps(
-        [job.kind, job.model_id, job.method, shared, job.inputs.matrix_seed, job.inputs.m, digest],
-        sort_keys=True,
-        default=str,
-    )
+    return json.dumps([job.kind, job.model_id, job.method, shared], sort_keys=True, default=str)
+
+
+def _matrix_digest(session: Session, job_id: str) -> str | None:
+    matrix = session.scalar(select(JobInput.matrix).where(JobInput.job_id == job_id))
+    return hashlib.sha256(matrix).hexdigest() if matrix is not None else None
 
 
 def find_companions(sessions: sessionmaker[Session], leader_id: str, max_targets: int) -> list[str]:
@@ -63,13 +64,15 @@ def find_companions(sessions: sessionmaker[Session], leader_id: str, max_targets
     meantime is simply skipped; the queue entries of claimed jobs stay behind and are skipped
     as "not queued" when a worker pops them."""
     with sessions() as s:
-        leader = s.scalars(
-            select(Job).where(Job.id == leader_id).options(selectinload(Job.inputs))
-        ).one()
+        leader = s.get(Job, leader_id)
+        if leader is None:
+            return []
         key = pass_key(leader)
         room = max_targets - leader.n_targets
         if key is None or room <= 0:
             return []
+        explicit = leader.params.get("matrix") == "explicit"
+        digest = _matrix_digest(s, leader_id) if explicit else None
         candidates = s.scalars(
             select(Job)
             .where(
@@ -82,11 +85,13 @@ def find_companions(sessions: sessionmaker[Session], leader_id: str, max_targets
             )
             .order_by(Job.created_at, Job.id)
             .limit(SCAN_LIMIT)
-            .options(selectinload(Job.inputs))
         ).all()
         chosen = []
         for job in candidates:
-            if job.n_targets <= room and pass_key(job) == key:
-                chosen.append(job.id)
-                room -= job.n_targets
+            if job.n_targets > room or pass_key(job) != key:
+                continue
+            if explicit and _matrix_digest(s, job.id) != digest:
+                continue
+            chosen.append(job.id)
+            room -= job.n_targets
         return chosen
