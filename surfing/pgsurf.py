@@ -199,7 +199,7 @@ def nearby_pieces(
     found: list[Piece] = []
     tested = 0
 
-    def visit(n: int) -> None:
+    def visit(n: int, witness: np.ndarray) -> None:
         nonlocal tested
         tested += 1
         layer = free[n][0] if n < len(free) else len(sizes)
@@ -208,17 +208,21 @@ def nearby_pieces(
         undecided_here = [offsets[i] + j for i, j in free[n:] if i == layer]
         decided[undecided_here] = False
         pc = piece(p, tuple(s.copy() for s in pattern))
-        if project(pc.C[decided], pc.h[decided], x) is None:
-            return
+        C, h = pc.C[decided], pc.h[decided]
+        if np.any(C @ witness > h + 1e-10):  # the parent's point is cut off: look again
+            found_point = project(C, h, x)
+            if found_point is None:
+                return
+            witness = found_point
         if n == len(free):
             found.append(pc)
             return
         i, j = free[n]
         for bit in (False, True):
             pattern[i][j] = bit
-            visit(n + 1)
+            visit(n + 1, witness)
 
-    visit(0)
+    visit(0, x)
     return found, len(rows), tested
 
 
@@ -296,12 +300,16 @@ def global_minimum(
     extent: float = 3.0,
     grid: int = 201,
     top: int | None = 256,
+    polish_tau: float = 0.0,
 ) -> tuple[np.ndarray, float, int]:
     """Brute-force argmin of f for small k: evaluate f on a dense grid over
     [-extent, extent]^k, then minimise exactly over the piece of each of the `top` best grid
     points (every distinct piece the grid touches when top is None). Returns
     (x, f, pieces solved). Pieces narrower than the grid spacing can be missed; each piece's
-    minimum is exact and may lie outside the box."""
+    minimum is exact and may lie outside the box. `polish_tau` > 0 then repeats one
+    Algorithm 3.2 step on the same network from the best point until f stops dropping: a
+    search of every piece within that slack, which catches the thin neighbouring pieces a
+    coarse grid (k = 3) misses -- `exhaustive_minimum` measures how often that is needed."""
     k = p.k
     axis = np.linspace(-extent, extent, grid)
     pts = np.stack(np.meshgrid(*([axis] * k), indexing="ij"), axis=-1).reshape(-1, k)
@@ -319,4 +327,42 @@ def global_minimum(
         sol = piece_minimum(piece(p, pattern_at(p, x_start)), A, b, x_start)
         if sol is not None and sol[1] < best_f:
             best_x, best_f = sol
+    while polish_tau > 0:
+        step = pg_surf_step(p, A, b, best_x, polish_tau, exact=True)
+        if step.objective >= best_f - 1e-12 * (1.0 + abs(best_f)):
+            break
+        best_x, best_f = step.x, step.objective
     return best_x, best_f, len(seen)
+
+
+def all_pieces(p: Params) -> list[Piece]:
+    """Every non-empty linear piece of G(., theta) on R^k: the search of Algorithm 3.2 with
+    every row free (tau = inf). Exponential in general, but ~2 * 10^4 pieces for k = 3 and
+    48 hidden units -- affordable once per network, so it can referee `global_minimum`, whose
+    grid may miss a thin piece. The pieces do not depend on the target: reuse them."""
+    rows = sum(len(b) for b in p.bs)
+    return nearby_pieces(p, np.zeros(p.k), np.inf, max_free=rows)[0]
+
+
+def exhaustive_minimum(
+    pieces: list[Piece], A: np.ndarray | None, b: np.ndarray
+) -> tuple[np.ndarray, float, int]:
+    """The exact global minimum of f over `pieces` (all of them: `all_pieces`).
+
+    The unconstrained least-squares minimum of a piece's quadratic is a lower bound on its
+    constrained one, so pieces are solved in increasing order of that bound until it passes
+    the best value found: a handful of NNLS solves instead of one per piece.
+    Returns (x, f, pieces solved)."""
+    Ms = np.stack([_quadratic(pc, A, b)[0] for pc in pieces])
+    ds = np.stack([_quadratic(pc, A, b)[1] for pc in pieces])
+    fit = np.einsum("pnk,pk->pn", Ms, np.einsum("pkn,pn->pk", np.linalg.pinv(Ms), ds))
+    bound = 0.5 * np.sum((fit - ds) ** 2, axis=1)
+    best_x, best_f, solved = np.full(Ms.shape[2], np.nan), np.inf, 0
+    for i in np.argsort(bound):
+        if bound[i] >= best_f:
+            break
+        solved += 1
+        sol = piece_minimum(pieces[i], A, b, np.zeros(Ms.shape[2]))
+        if sol is not None and sol[1] < best_f:
+            best_x, best_f = sol
+    return best_x, best_f, solved

@@ -189,10 +189,33 @@ def test_alg32(tmp_path: Path) -> None:
         *TINY,
     )
     solvers = [r["solver"] for r in summary]
-    assert "Alg 3.2 tau=0.1" in solvers and "Alg 3.1 (surf, Adam)" in solvers
+    assert "Alg 3.2 tau=0.1" in solvers and "Alg 3.1 (surf, Adam) from x_init" in solvers
+    assert "Alg 3.1 from argmin f_0" in solvers
     check_outputs(
         tmp_path, "alg32-k2", ["alg32_k2.csv", "alg32_k2_trials.csv", "alg32_k2_pieces.png"]
     )
+
+
+def test_alg32_k3_off_range_targets_with_a_verified_referee(tmp_path: Path) -> None:
+    """k = 3, y = F(x*) off the range, the referee polished and checked by enumerating every
+    piece: on these tiny nets (~200 pieces) the polished grid must agree with it."""
+    summary = run_cli(
+        "alg32",
+        ModelStore(tmp_path / "unused"),
+        tmp_path,
+        *("--latent-dim", "3", "--hidden", "4", "8", "--n", "6", "--train-steps", "6"),
+        *("--taus", "0", "0.1", "--trials", "2", "--check-every", "2", "--grid", "11"),
+        *("--polish-tau", "0.3", "--verify", "1", "--target", "map", "--long-steps", "5"),
+        *TINY,
+    )
+    by = {r["solver"]: r for r in summary}
+    assert "Alg 3.1 from argmin f_0, long stages" in by
+    assert 0 <= by["Alg 3.2 tau=0.1"]["rescued %"] <= by["Alg 3.2 tau=0.1"]["final %"]
+    with (tmp_path / "alg32_k3_referee.csv").open() as fh:
+        checked = list(csv.DictReader(fh))
+    assert len(checked) == 2 and all(r["agree"] == "True" for r in checked)
+    assert all(float(r["exact f"]) <= float(r["grid f"]) + 1e-9 for r in checked)
+    check_outputs(tmp_path, "alg32-k3", ["alg32_k3.csv", "alg32_k3_pieces.png"])
 
 
 def test_theorem31(tmp_path: Path) -> None:

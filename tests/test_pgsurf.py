@@ -10,6 +10,8 @@ import torch
 from surfing.nets import ExpansiveReLUNet
 from surfing.pgsurf import (
     Params,
+    all_pieces,
+    exhaustive_minimum,
     global_minimum,
     objective,
     pattern_at,
@@ -159,3 +161,30 @@ def test_gaussian_measurements() -> None:
     x1, f1, _ = pgd(pc, A, b, x, max_iter=20000)
     x2, f2 = piece_minimum(pc, A, b, x)
     assert f1 == pytest.approx(f2, rel=1e-6, abs=1e-9)
+
+
+def test_exhaustive_minimum_matches_the_closed_form() -> None:
+    """x > 0, x < 0 and the point x = 0 (twice: both rows off, both rows on) are all the
+    pieces of the two-piece net; the exact minimum over them is the closed-form one."""
+    p = two_piece(V1.tolist(), V2.tolist())
+    pieces = all_pieces(p)
+    assert len(pieces) == 4
+    xa, fa, _, _ = closed_form(V1, V2, Y)
+    x, f, solved = exhaustive_minimum(pieces, None, Y)
+    assert x[0] == pytest.approx(xa) and f == pytest.approx(fa) and 1 <= solved <= 4
+
+
+def test_polished_grid_referee_is_exact_on_a_coarse_grid() -> None:
+    """A 5 x 5 grid keeping one best point can miss the global minimum of a random net;
+    polishing with an all-row slack cannot, and both agree with exhaustive enumeration,
+    which must also match the old referee on a fine grid over every touched piece."""
+    torch.manual_seed(5)
+    p = Params.of(ExpansiveReLUNet(2, [3, 4], 5))
+    y = np.random.default_rng(2).normal(size=5)
+    _, f_exact, solved = exhaustive_minimum(all_pieces(p), None, y)
+    _, f_fine, _ = global_minimum(p, None, y, extent=10, grid=121, top=None)
+    assert f_exact == pytest.approx(f_fine, rel=1e-9, abs=1e-12)
+    assert solved < len(all_pieces(p))  # the lower bound prunes some pieces
+    _, f_coarse, _ = global_minimum(p, None, y, extent=10, grid=5, top=1)
+    _, f_polished, _ = global_minimum(p, None, y, extent=10, grid=5, top=1, polish_tau=np.inf)
+    assert f_polished == pytest.approx(f_exact, rel=1e-9, abs=1e-12) and f_coarse >= f_polished
