@@ -12,7 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["surf", "adam", "adam-restarts", "hybrid"]
-Schedule = Literal["auto", "adaptive", "adaptive-adam", "lm", "paper"]  # surfing.solvers.SCHEDULES
+Schedule = Literal[
+    "auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper"
+]  # surfing.solvers.SCHEDULES
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 MODEL_ID_DESCRIPTION = "Trajectory id from GET /models."
@@ -40,8 +42,10 @@ class SolveOptions(BaseModel):
         "fastest schedule that held the paper's success rate, currently lm), adaptive (Adam "
         "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
         "the final network), adaptive-adam (the same with Adam at the end), lm "
-        "(Levenberg-Marquardt on every stage), paper (exactly `steps` Adam steps per stage "
-        "and `final_steps` at the end, Algorithm 3.1 as published).",
+        "(Levenberg-Marquardt on every stage), lm-stride (lm that skips checkpoints where a "
+        "target's predicted step is tiny and reuses Jacobians across checkpoints), paper "
+        "(exactly `steps` Adam steps per stage and `final_steps` at the end, Algorithm 3.1 as "
+        "published).",
     )
     steps: int | None = Field(
         None,

@@ -8,11 +8,15 @@ fraction of the machine's measured matmul FLOP/s. Optionally the batching compar
 300-target pass vs. single-target jobs). Not a timed test: run it by hand, e.g.
 
     flock /tmp/surfing-heavy.lock python bench/surf_bench.py --model dcgan-k10 --targets 100
+
+A variant is a schedule name, optionally with StageRule overrides after a colon, so settings
+can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from models_store import ModelStore, default_store_root
-from surfing.lm import levenberg_marquardt
+from surfing.lm import CHORD, CHORD_THEN_FRESH, FRESH, SKIP, levenberg_marquardt
 from surfing.measure import gaussian_matrix
 from surfing.nets import InfoGANGenerator
 from surfing.solvers import SolveResult, StageRule, direct, surf, uniform_latents
@@ -101,6 +105,30 @@ class Row:
 PROBE_STEPS = 60
 
 
+def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule]:
+    """'schedule[:field=value,...]' -> (schedule, StageRule with those fields overridden)."""
+    name, _, opts = spec.partition(":")
+    types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
+    changes: dict[str, object] = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
+        kind = types[key]
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return name, dataclasses.replace(base, **changes)
+
+
+def action_shares(res: SolveResult) -> str:
+    """For lm-stride: the share of (target, intermediate checkpoint) pairs per action."""
+    acts = [t.action for t in res.trace if t.action is not None]
+    if not acts:
+        return ""
+    a = torch.stack(acts)
+    names = ((SKIP, "skip"), (CHORD, "chord"), (FRESH, "fresh"), (CHORD_THEN_FRESH, "chord+fresh"))
+    return " ".join(f"{n} {100 * float((a == code).float().mean()):.0f}%" for code, n in names)
+
+
 def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None) -> float:
     """Time a few direct-Adam steps on the same batch: the machine is shared, so its speed
     drifts between rows; dividing each row by the probe taken just before it cancels the drift
@@ -150,6 +178,8 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         for variant in args.variants:
             if model_id != args.model and variant not in args.compressed_variants:
                 continue
+            base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
+            schedule, rule = parse_variant(variant, base_rule)
             stages = TimedStages(generators(store, model_id, args.stride))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
@@ -161,15 +191,16 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 steps=args.steps,
                 lr=args.lr,
                 final_steps=args.final_steps,
-                schedule=variant,
-                rule=StageRule(lm_stage_iters=args.lm_stage_iters) if args.lm_stage_iters else None,
+                schedule=schedule,
+                rule=rule,
             )
             dt = time.perf_counter() - t0
             name = f"surf {variant}" + ("" if model_id == args.model else f" [{model_id}]")
             row = Row(name, dt, ok(res), res.evals, stages.wait / dt, disk, pr)
             rows.append((row, per_fwd * 2 * res.evals))
             print(
-                f"  {name}: {dt:.1f}s success {ok(res):.3f} evals {res.evals} probe {pr:.2f}s",
+                f"  {name}: {dt:.1f}s success {ok(res):.3f} evals {res.evals} probe {pr:.2f}s "
+                f"{action_shares(res)}",
                 flush=True,
             )
 

@@ -9,6 +9,9 @@ quadratically, so a handful of steps replace the hundreds of Adam steps a stage 
 Everything is per target: each target has its own damping λ, its own accept/reject decision and
 its own convergence test, and converged targets leave the batch (they cost nothing more). So a
 target's path does not depend on the other targets in its batch (generators are in eval mode).
+The same holds for `track_step` (the "lm-stride" surfing schedule): whether a target skips a
+checkpoint, reuses its stored Jacobian or computes a fresh one is decided from that target's
+own residual and Jacobian only, so coalescing jobs into one batch changes no target's path.
 """
 
 from __future__ import annotations
@@ -61,6 +64,27 @@ class LMResult:
     objective: torch.Tensor  # (B,)
     iters: torch.Tensor  # (B,) Jacobians computed per target
     evals: torch.Tensor  # (B,) generator cost per target in forward+backward equivalents
+    jacobian: torch.Tensor | None = None  # (B, m, k) last Jacobian computed (valid where iters > 0)
+
+
+def gauss_newton_step(
+    J: torch.Tensor, r: torch.Tensor, lam: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped Gauss–Newton step per target and the decrease of f it predicts.
+
+    Solves (JᵀJ + λ diag(JᵀJ) + λ·1e-9 I) δ = -Jᵀr (J: (B, m, k), r: (B, m), λ scalar or (B,)).
+    The predicted decrease is f(x) - 1/2||r + Jδ||² = -gᵀδ - 1/2 δᵀHδ: the stride schedule
+    compares it with the actual decrease to judge whether a stored Jacobian is still good.
+    """
+    H = J.transpose(1, 2) @ J  # (b, k, k)
+    g = (J.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)  # (b, k)
+    d = torch.diagonal(H, dim1=1, dim2=2)
+    lam_t = lam[:, None] if isinstance(lam, torch.Tensor) else lam
+    damp = lam_t * (d + 1e-9 * d.amax(1, keepdim=True) + 1e-12)
+    step = -torch.linalg.solve(H + torch.diag_embed(damp), g)
+    Hs = (H @ step.unsqueeze(2)).squeeze(2)
+    pred = -(g * step).sum(1) - 0.5 * (step * Hs).sum(1)
+    return step, pred
 
 
 def levenberg_marquardt(
@@ -72,6 +96,7 @@ def levenberg_marquardt(
     xtol: float = 1e-6,
     ftol: float = 1e-12,
     lam: float = 1e-3,
+    r0: torch.Tensor | None = None,
 ) -> LMResult:
     """Minimise 1/2||A G(x) - b||^2 per target by damped Gauss–Newton from x.
 
@@ -80,6 +105,9 @@ def levenberg_marquardt(
     step is shorter than `xtol` (its latent no longer moves), when f < `ftol`, or after
     `max_iters` Jacobians. Cost is reported in forward+backward equivalents (a forward pass
     counts 1/2): a Jacobian is one primal plus k tangent passes, (1 + k)/2; a trial point 1/2.
+    `r0`, if given, is the residual at x that the caller already computed (its forward pass is
+    then the caller's to count): the stride schedule evaluates every target anyway to decide
+    whether it needs a step, and passing the residual on keeps that decision free.
     """
     B, k = x.shape
     x = x.detach().clone()
@@ -88,9 +116,12 @@ def levenberg_marquardt(
     forwards = torch.zeros(B, dtype=x.dtype)
     active = torch.ones(B, dtype=torch.bool, device=x.device)
     J: torch.Tensor | None = None  # Jacobian of the rows in `need`, kept across rejections
-    with torch.no_grad():
-        r = residual(G, x, b, A)
-    forwards += 1
+    if r0 is None:
+        with torch.no_grad():
+            r = residual(G, x, b, A)
+        forwards += 1
+    else:
+        r = r0.detach().clone()
     f = 0.5 * r.pow(2).sum(1)
     Jall = torch.zeros(B, r.shape[1], k, dtype=x.dtype, device=x.device)
     stale = torch.ones(B, dtype=torch.bool, device=x.device)  # Jacobian must be recomputed
@@ -107,12 +138,7 @@ def levenberg_marquardt(
             stale[fresh] = False
             iters[fresh.cpu()] += 1
             forwards[fresh.cpu()] += 1 + k
-        Ja, ra = Jall[idx], r[idx]
-        H = Ja.transpose(1, 2) @ Ja  # (b, k, k)
-        g = (Ja.transpose(1, 2) @ ra.unsqueeze(2)).squeeze(2)  # (b, k)
-        d = torch.diagonal(H, dim1=1, dim2=2)
-        damp = lam_t[idx, None] * (d + 1e-9 * d.amax(1, keepdim=True) + 1e-12)
-        step = -torch.linalg.solve(H + torch.diag_embed(damp), g)
+        step, _ = gauss_newton_step(Jall[idx], r[idx], lam_t[idx])
         x_try = x[idx] + step
         with torch.no_grad():
             r_try = residual(G, x_try, b[idx], A)
@@ -126,4 +152,118 @@ def levenberg_marquardt(
         small = step.norm(dim=1) < xtol
         done = (ok & small) | (f[idx] < ftol) | (~ok & small & (lam_t[idx] > 1e6))
         active[idx[done]] = False
-    return LMResult(x, f, iters, forwards / 2)
+    return LMResult(x, f, iters, forwards / 2, Jall)
+
+
+# What a target did at one checkpoint of the stride schedule (see `track_step`).
+SKIP, CHORD, FRESH, CHORD_THEN_FRESH = 0, 1, 2, 3
+
+
+@dataclass
+class TrackState:
+    """What the stride schedule remembers per target from one checkpoint to the next.
+
+    The stage stream is one-pass (the same module is reloaded in place), so nothing about an
+    earlier network can be re-evaluated; what is kept instead is each target's last Jacobian
+    (computed at an earlier latent on an earlier network) and how many chord steps it has
+    served since. That is enough to estimate, from one forward pass on the new network, how far
+    the stage optimum has moved away from the target's latent.
+    """
+
+    jacobian: torch.Tensor  # (B, m, k)
+    has: torch.Tensor  # (B,) a Jacobian was computed for this target
+    age: torch.Tensor  # (B,) chord steps taken with it since it was computed
+
+    @classmethod
+    def empty(cls, B: int, m: int, k: int, like: torch.Tensor) -> TrackState:
+        has = torch.zeros(B, dtype=torch.bool, device=like.device)
+        age = torch.zeros(B, dtype=torch.long, device=like.device)
+        return cls(like.new_zeros(B, m, k), has, age)
+
+
+def track_step(
+    G: nn.Module,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    A: torch.Tensor | None,
+    state: TrackState | None,
+    skip_xtol: float,
+    max_age: int,
+    eta: float = 0.25,
+    broyden: bool = True,
+    lam: float = 1e-3,
+    xtol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrackState, torch.Tensor]:
+    """One checkpoint of the stride schedule: per target, skip, a chord step, or an LM step.
+
+    Every target pays one forward pass on the new network (residual r). With its stored
+    Jacobian J it predicts the Gauss–Newton step δ = -(JᵀJ + λD)⁻¹Jᵀr, i.e. how far the stage
+    optimum now lies from its latent:
+
+    - ‖δ‖ < `skip_xtol`: the optimum barely moved across this checkpoint -- the target skips it
+      (cost 1/2). This is the adaptive checkpoint stride, decided per target from the network in
+      hand, so nothing has to be revisited: a target whose optimum jumps steps at the checkpoint
+      where the jump is seen, exactly as the plain schedule would.
+    - else, if J has served fewer than `max_age` chord steps: the chord step x + δ with the
+      stored J (cost 1/2 for the trial point), kept if f drops by at least `eta` times the
+      decrease the model predicts; with `broyden`, J is then corrected along δ by the secant
+      it just observed (rank one, free). The age cap matters: iterating with a fixed J
+      converges to where Jᵀr = 0, which is not the stage optimum while the network moves.
+    - else (no stored J, too old, or the chord step failed): one Levenberg–Marquardt iteration
+      with a fresh Jacobian ((1 + k)/2 + 1/2), as the plain "lm" schedule does.
+
+    With `skip_xtol` = 0 and `max_age` = 0 this is exactly one `levenberg_marquardt` iteration
+    on every target. All decisions are per target, so a target's path does not depend on its
+    batch. Returns (x, f, evals per target, state, action per target: SKIP/CHORD/FRESH/
+    CHORD_THEN_FRESH).
+    """
+    B, k = x.shape
+    x = x.detach().clone()
+    with torch.no_grad():
+        r = residual(G, x, b, A)
+    f = 0.5 * r.pow(2).sum(1)
+    cost = torch.full((B,), 0.5, dtype=torch.float64)
+    action = torch.full((B,), FRESH, dtype=torch.int8)
+    if state is None:
+        state = TrackState.empty(B, r.shape[1], k, x)
+    need = torch.ones(B, dtype=torch.bool, device=x.device)
+    idx = state.has.nonzero().squeeze(1)
+    if idx.numel() and (skip_xtol > 0 or max_age > 0):
+        step, pred = gauss_newton_step(state.jacobian[idx], r[idx], lam)
+        skip = step.norm(dim=1) < skip_xtol
+        need[idx[skip]] = False
+        action[idx[skip].cpu()] = SKIP
+        chord = ~skip & (state.age[idx] < max_age)
+        ci = idx[chord]
+        if ci.numel():
+            d = step[chord]
+            x_try = x[ci] + d
+            with torch.no_grad():
+                r_try = residual(G, x_try, b[ci], A)
+            cost[ci.cpu()] += 0.5
+            f_try = 0.5 * r_try.pow(2).sum(1)
+            ok = f_try < f[ci] - eta * pred[chord]
+            acc = ci[ok]
+            if broyden and acc.numel():
+                Ja, da = state.jacobian[acc], d[ok]
+                miss = (r_try[ok] - r[acc]) - (Ja @ da.unsqueeze(2)).squeeze(2)
+                upd = miss.unsqueeze(2) * (da / da.pow(2).sum(1, keepdim=True)).unsqueeze(1)
+                state.jacobian[acc] = Ja + upd
+            x[acc], r[acc], f[acc] = x_try[ok], r_try[ok], f_try[ok]
+            state.age[acc] += 1
+            need[acc] = False
+            action[acc.cpu()] = CHORD
+            action[ci[~ok].cpu()] = CHORD_THEN_FRESH
+    fresh = need.nonzero().squeeze(1)
+    if fresh.numel():
+        res = levenberg_marquardt(
+            G, x[fresh], b[fresh], A, max_iters=1, xtol=xtol, lam=lam, r0=r[fresh]
+        )
+        x[fresh], f[fresh] = res.x, res.objective
+        cost[fresh.cpu()] += res.evals.double().cpu()
+        got = (res.iters > 0).to(fresh.device)
+        if got.any() and res.jacobian is not None:
+            state.jacobian[fresh[got]] = res.jacobian[got]
+            state.has[fresh[got]] = True
+            state.age[fresh[got]] = 0
+    return x, f, cost, state, action

@@ -3,7 +3,10 @@
 The loss of a batch is the sum of independent per-target losses and Adam is element-wise,
 so every target follows exactly the path it would follow alone (generators are in eval mode).
 
-- `surf`: Algorithm 3.1, Adam on f_0, f_1, ..., f_T, each stage warm-started from the last.
+- `surf`: Algorithm 3.1, Adam on f_0, f_1, ..., f_T, each stage warm-started from the last
+  (or, in the faster schedules, per-target masked Adam / Levenberg–Marquardt stages whose
+  stopping, skipping and Jacobian reuse are decided per target from that target's own values,
+  so coalescing targets from different jobs into one batch changes no target's path).
 - `direct`: Adam on the final network only (the paper's baseline).
 - `direct_restarts`: `direct` from R random starts, lowest objective kept per target.
 - `hybrid`: surf plus restarts on the final network, lowest objective kept per target.
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from surfing.lm import levenberg_marquardt
+from surfing.lm import TrackState, levenberg_marquardt, track_step
 
 Stage = tuple[int, int, nn.Module]  # (checkpoint index, training step, generator)
 Progress = Callable[["StageTrace"], None]
@@ -35,6 +38,8 @@ class StageTrace:
     steps_used: int
     objective: torch.Tensor
     x_norm: torch.Tensor
+    # schedule "lm-stride": what each target did here (surfing.lm SKIP/CHORD/FRESH/...)
+    action: torch.Tensor | None = None
 
     @property
     def objective_mean(self) -> float:
@@ -77,7 +82,13 @@ def split_result(res: SolveResult, sizes: list[int]) -> list[SolveResult]:
         cost = res.target_evals[lo:hi] if res.target_evals is not None else None
         evals = int(round(float(cost.double().mean()))) if cost is not None else res.evals
         trace = [
-            replace(t, objective=t.objective[lo:hi], x_norm=t.x_norm[lo:hi]) for t in res.trace
+            replace(
+                t,
+                objective=t.objective[lo:hi],
+                x_norm=t.x_norm[lo:hi],
+                action=t.action[lo:hi] if t.action is not None else None,
+            )
+            for t in res.trace
         ]
         out.append(SolveResult(res.x[lo:hi], res.objective[lo:hi], evals, trace, cost))
         lo = hi
@@ -139,7 +150,7 @@ def _with_last(stages: Iterable[Stage]) -> Iterator[tuple[Stage, bool]]:
     yield prev, True
 
 
-SCHEDULES = ("auto", "adaptive", "adaptive-adam", "lm", "paper")
+SCHEDULES = ("auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper")
 DEFAULT_SCHEDULE = "auto"
 
 
@@ -169,6 +180,18 @@ class StageRule:
     lm_iters: int = 40
     lm_xtol: float = 1e-6
     lm_stage_iters: int = 1  # schedule "lm": Jacobians per intermediate stage (measured: 1 < 2)
+    # schedule "lm-stride" (see surfing.lm.track_step): a target skips a checkpoint when the
+    # Gauss–Newton step predicted by its stored Jacobian is shorter than `skip_xtol`; a step
+    # first tries that prediction (a chord step, kept if f drops by `reuse_eta` x the predicted
+    # decrease; the Jacobian then gets a free Broyden correction if `reuse_broyden`) until the
+    # Jacobian has served `reuse_max` chord steps, then computes a fresh one.
+    # skip_xtol = 0 and reuse_max = 0 is exactly "lm". Defaults: the measured combination of
+    # docs/performance.md (on dcgan-k10 no target's predicted step fell below 0.01, so the skip
+    # never fired there; the chord steps are what saves evaluations).
+    skip_xtol: float = 3e-3
+    reuse_max: int = 1
+    reuse_eta: float = 0.25
+    reuse_broyden: bool = True
 
 
 def adam_stage(
@@ -257,6 +280,9 @@ def surf(
     than the paper) and Levenberg–Marquardt on the last network, which converges in a few
     k×k solves where Adam needs ~1000 steps. "adaptive-adam": the same stages, but masked Adam
     capped at `final_steps` on the last network. "lm": Levenberg–Marquardt on every stage.
+    "lm-stride": "lm" with an adaptive checkpoint stride and Jacobian reuse: per target, a
+    checkpoint across which its optimum barely moved is skipped, and a step reuses the
+    target's last Jacobian while that still predicts the decrease (surfing.lm.track_step).
 
     `progress` is called after every stage; an exception raised from it aborts the solve.
     `evals` counts generator forward+backward passes per target (a mean for adaptive
@@ -272,7 +298,9 @@ def surf(
     x, trace = x_init, []
     cost = torch.zeros(n, dtype=torch.float64)
     f = torch.full((n,), float("nan"))
+    track: TrackState | None = None
     for t, ((index, step, G), last) in enumerate(_with_last(stages)):
+        action = None
         if schedule == "paper":
             x, f, used = adam_descent(G, x, b, A, final_steps if last else steps, lr, tol)
             cost += used
@@ -282,11 +310,24 @@ def surf(
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_iters, rule)
             elif schedule == "lm":
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_stage_iters, rule)
+            elif schedule == "lm-stride":
+                x, f, c, track, action = track_step(
+                    G,
+                    x,
+                    b,
+                    A,
+                    track,
+                    rule.skip_xtol,
+                    rule.reuse_max,
+                    eta=rule.reuse_eta,
+                    broyden=rule.reuse_broyden,
+                    xtol=rule.lm_xtol,
+                )
             else:
                 x, f, c = adam_stage(G, x, b, A, final_steps if last else steps, lr, rule)
             cost += c.cpu().double()
             steps_used = int(c.max()) if c.numel() else 0
-        info = StageTrace(t, total, index, step, steps_used, f.cpu(), x.norm(dim=1).cpu())
+        info = StageTrace(t, total, index, step, steps_used, f.cpu(), x.norm(dim=1).cpu(), action)
         trace.append(info)
         if progress is not None:
             progress(info)

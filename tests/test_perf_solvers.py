@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from surfing.lm import jacobian, levenberg_marquardt
+from surfing.lm import (
+    CHORD,
+    CHORD_THEN_FRESH,
+    FRESH,
+    SKIP,
+    jacobian,
+    levenberg_marquardt,
+    track_step,
+)
 from surfing.measure import gaussian_matrix
 from surfing.nets import build_generator
 from surfing.solvers import (
@@ -19,7 +27,7 @@ from surfing.solvers import (
     uniform_latents,
 )
 from surfing.trajectory import final_generator, frozen, generators
-from tests.helpers import interpolated_trajectory
+from tests.helpers import RELU_ARCH, interpolated_trajectory
 
 INFOGAN = {"kind": "infogan", "latent_dim": 3, "width": 0.05}
 NEVER_STOP = StageRule(min_steps=10**9, patience=10**9)
@@ -56,7 +64,7 @@ def test_masked_adam_paths_match_torch_adam_step_by_step() -> None:
         assert torch.all(f <= f_ref + 1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["auto", "adaptive", "adaptive-adam", "lm"])
+@pytest.mark.parametrize("schedule", ["auto", "adaptive", "adaptive-adam", "lm", "lm-stride"])
 def test_masked_batches_give_each_target_its_solo_result(tmp_path: Path, schedule: str) -> None:
     store = interpolated_trajectory(tmp_path, "batch", n_ckpt=6)
     G = final_generator(store, "batch")
@@ -169,3 +177,85 @@ def test_auto_schedule_is_lm_with_and_without_a_matrix(tmp_path: Path) -> None:
         auto = surf(generators(store, "auto"), b, x0, M)
         same = surf(generators(store, "auto"), b, x0, M, schedule=expected)
         assert torch.equal(auto.x, same.x) and auto.evals == same.evals
+
+
+PLAIN_LM = StageRule(skip_xtol=0.0, reuse_max=0)
+
+
+def test_lm_stride_without_skipping_or_reuse_is_exactly_plain_lm(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "plain", arch=INFOGAN, n_ckpt=6)
+    G = final_generator(store, "plain")
+    x0 = uniform_latents(4, 3, seed=11)
+    with torch.no_grad():
+        y = G(uniform_latents(4, 3, seed=12)).flatten(1)
+    A = gaussian_matrix(4, 40, 784)
+    for M in (None, A):
+        b = y if M is None else y @ M.T
+        lm = surf(generators(store, "plain"), b, x0, M, schedule="lm")
+        same = surf(generators(store, "plain"), b, x0, M, schedule="lm-stride", rule=PLAIN_LM)
+        assert torch.equal(lm.x, same.x) and torch.equal(lm.objective, same.objective)
+        assert lm.target_evals is not None and same.target_evals is not None
+        assert torch.equal(lm.target_evals, same.target_evals)
+        for t in same.trace[:-1]:
+            assert t.action is not None and bool((t.action == FRESH).all())
+
+
+def test_track_step_skips_only_targets_whose_optimum_did_not_move() -> None:
+    torch.manual_seed(0)
+    G = frozen(build_generator(RELU_ARCH))
+    x_star = uniform_latents(2, 2, seed=13)
+    with torch.no_grad():
+        b = G(x_star)
+    # target 0 starts next to its optimum, target 1 far from it; the network does not change
+    x = torch.stack([x_star[0] + 1e-3, x_star[1] + 0.3])
+    x1, f1, c1, state, a1 = track_step(G, x, b, None, None, skip_xtol=1e-3, max_age=0)
+    assert a1.tolist() == [FRESH, FRESH]  # no stored Jacobian yet: both take a fresh step
+    x2, f2, c2, state, a2 = track_step(G, x1, b, None, state, skip_xtol=1e-3, max_age=0)
+    assert a2.tolist() == [SKIP, FRESH]
+    assert torch.equal(x2[0], x1[0]) and float(c2[0]) == 0.5  # a skip costs one forward pass
+    assert float(c2[1]) == 0.5 + (1 + 2) / 2 + 0.5  # a step: forward, Jacobian, trial point
+    assert float(f2[1]) < float(f1[1])
+
+
+def test_chord_steps_reuse_the_jacobian_until_it_is_too_old() -> None:
+    torch.manual_seed(0)
+    G = frozen(build_generator(RELU_ARCH))
+    x_star = uniform_latents(1, 2, seed=14)
+    with torch.no_grad():
+        b = G(x_star)
+    x, state, seen = x_star + 0.2, None, []
+    for _ in range(6):
+        x, f, c, state, a = track_step(G, x, b, None, state, skip_xtol=0.0, max_age=2)
+        seen.append(int(a[0]))
+    # fresh, then at most two chord steps per Jacobian (a failed chord step refreshes early)
+    assert seen[0] == FRESH and CHORD in seen
+    run = 0
+    for a in seen:
+        run = run + 1 if a == CHORD else 0
+        assert run <= 2
+    assert all(a in (CHORD, FRESH, CHORD_THEN_FRESH) for a in seen)
+
+
+def test_lm_stride_mixes_actions_and_each_target_keeps_its_solo_path(tmp_path: Path) -> None:
+    store = interpolated_trajectory(tmp_path, "mixed", arch=INFOGAN, n_ckpt=10)
+    G = final_generator(store, "mixed")
+    x_star = uniform_latents(6, 3, seed=15)
+    with torch.no_grad():
+        b = G(x_star).flatten(1)
+    x0 = uniform_latents(6, 3, seed=16)
+    rule = StageRule(skip_xtol=0.05, reuse_max=2)
+    together = surf(generators(store, "mixed"), b, x0, schedule="lm-stride", rule=rule)
+    acts = torch.stack([t.action for t in together.trace[:-1] if t.action is not None])
+    # the batch really mixes per-target decisions, so the comparison below means something
+    assert {SKIP, CHORD, FRESH} <= set(acts.unique().tolist())
+    assert any(len(set(row.tolist())) > 1 for row in acts)
+    for i in range(6):
+        alone = surf(
+            generators(store, "mixed"), b[i : i + 1], x0[i : i + 1], schedule="lm-stride", rule=rule
+        )
+        assert torch.allclose(alone.x, together.x[i : i + 1], atol=1e-5), i
+        solo_acts = torch.stack([t.action for t in alone.trace[:-1] if t.action is not None])
+        assert torch.equal(solo_acts[:, 0], acts[:, i]), i
+    assert together.target_evals is not None
+    parts = split_result(together, [2, 4])
+    assert parts[1].trace[0].action is not None and parts[1].trace[0].action.shape == (4,)
