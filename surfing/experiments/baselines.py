@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "restarts",
         "hybrid_restarts",
         "trials",
+        "schedule",
         "steps",
         "final_steps",
         "direct_steps",

@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "targets",
         "grid",
         "extent",
+        "schedule",
         "steps",
         "final_steps",
         "direct_steps",

@@ -21,7 +21,8 @@ from surfing.trajectory import final_generator, generators
 
 # The flags quoted in the command line of the Fig 3 and Fig 4 sections (same sweep settings).
 COMMAND_KEYS = (
-    "models", "m", "trials", "every_steps", "steps", "final_steps", "direct_steps", "lr", "seed",
+    "models", "m", "trials", "every_steps", "schedule", "steps", "final_steps", "direct_steps",
+    "lr", "seed",
 )
 
 
