@@ -39,7 +39,8 @@ class SolveOptions(BaseModel):
     schedule: Schedule | None = Field(
         None,
         description="How method=surf spends each stage (surfing.solvers): auto (default: the "
-        "fastest schedule that held the paper's success rate, currently lm), adaptive (Adam "
+        "fastest schedule that held the paper's success rate: lm, or paper when m <= 2k), "
+        "adaptive (Adam "
         "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
         "the final network), adaptive-adam (the same with Adam at the end), lm "
         "(Levenberg-Marquardt on every stage), lm-stride (lm that skips checkpoints where a "

@@ -22,6 +22,7 @@ from surfing.solvers import (
     StageRule,
     adam_descent,
     adam_stage,
+    resolve_schedule,
     split_result,
     surf,
     uniform_latents,
@@ -165,18 +166,22 @@ def test_coalesced_jobs_split_back_into_their_solo_results(tmp_path: Path) -> No
         split_result(together, [2, 2])
 
 
-def test_auto_schedule_is_lm_with_and_without_a_matrix(tmp_path: Path) -> None:
+def test_auto_schedule_is_lm_except_with_few_measurements(tmp_path: Path) -> None:
+    """auto = lm for A = I and for m > 2k; the paper's schedule for m <= 2k (k = 2 here)."""
     store = interpolated_trajectory(tmp_path, "auto", n_ckpt=4)
     G = final_generator(store, "auto")
-    A = gaussian_matrix(3, 30, 100)
     x0 = uniform_latents(3, 2, seed=9)
     with torch.no_grad():
         y = G(uniform_latents(3, 2, seed=10)).flatten(1)
-    for M, expected in ((None, "lm"), (A, "lm")):
+    cases = ((None, "lm"), (gaussian_matrix(3, 30, 100), "lm"), (gaussian_matrix(3, 5, 100), "lm"))
+    cases += ((gaussian_matrix(3, 4, 100), "paper"),)
+    for M, expected in cases:
         b = y if M is None else y @ M.T
-        auto = surf(generators(store, "auto"), b, x0, M)
-        same = surf(generators(store, "auto"), b, x0, M, schedule=expected)
+        auto = surf(generators(store, "auto"), b, x0, M, steps=3, final_steps=5)
+        same = surf(generators(store, "auto"), b, x0, M, steps=3, final_steps=5, schedule=expected)
         assert torch.equal(auto.x, same.x) and auto.evals == same.evals
+    assert resolve_schedule("auto", gaussian_matrix(3, 4, 100), 2) == "paper"
+    assert resolve_schedule("auto", None, 2) == "lm"
 
 
 PLAIN_LM = StageRule(skip_xtol=0.0, reuse_max=0)

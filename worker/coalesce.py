@@ -34,8 +34,8 @@ SCAN_LIMIT = 500
 
 def can_share_pass(method: str, params: dict[str, Any]) -> bool:
     """True when a job's targets follow the same path inside a bigger batch as alone."""
-    if method == "surf":  # only the paper schedule's tol is a whole-batch test
-        return params.get("tol") is None or params.get("schedule", "auto") != "paper"
+    if method == "surf":  # the paper schedule's tol is a whole-batch test ("auto" may pick it)
+        return params.get("tol") is None or params.get("schedule") not in (None, "auto", "paper")
     if method == "adam":
         return params.get("tol") is None
     return False  # hybrid, adam-restarts: restart starts are drawn for the batch as a whole
