@@ -418,6 +418,7 @@ class Pass:
 
     kind: str
     model_id: str
+    n_pixels: int
     method: str
     params: dict[str, Any]  # the first job's; the others differ only in PER_JOB_PARAMS
     stages_total: int
@@ -431,7 +432,7 @@ class Pass:
 
 
 def _load_pass(
-    sessions: sessionmaker[Session], members: list[Member], n: int, k: int, device: torch.device
+    sessions: sessionmaker[Session], members: list[Member], store: WarmStore, device: torch.device
 ) -> Pass:
     jobs = []
     with sessions() as s:
@@ -442,6 +443,8 @@ def _load_pass(
             s.expunge(job)
             jobs.append(job)
     first = jobs[0]
+    manifest = store.manifest(first.model_id)
+    n, k = manifest.n_pixels, manifest.latent_dim
     A: torch.Tensor | None = None
     if first.kind == "cs":
         inp = first.inputs
@@ -474,6 +477,7 @@ def _load_pass(
     return Pass(
         kind=first.kind,
         model_id=first.model_id,
+        n_pixels=n,
         method=first.method,
         params=dict(first.params),
         stages_total=int(first.stages or first.params.get("stages") or 1),
@@ -537,11 +541,7 @@ def _execute(
     started = time.monotonic()
     device = pick_device(settings)
     store = warm_store(settings, device)
-    with sessions() as s:
-        model_id = s.scalar(select(Job.model_id).where(Job.id == members[0].job_id))
-    manifest = store.manifest(str(model_id))
-    n, k = manifest.n_pixels, manifest.latent_dim
-    job = _load_pass(sessions, members, n, k, device)
+    job = _load_pass(sessions, members, store, device)
 
     tracker = Tracker(
         sessions=sessions,
@@ -577,7 +577,9 @@ def _execute(
         with torch.no_grad():
             mine = recon[lo:hi]
             pixel_error = (
-                ((mine.flatten(1) - target.flatten(1)).pow(2).sum(dim=1) / n).cpu().tolist()
+                ((mine.flatten(1) - target.flatten(1)).pow(2).sum(dim=1) / job.n_pixels)
+                .cpu()
+                .tolist()
                 if target is not None
                 else None
             )

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from surfing.experiments.common import (
+    COMMON_KEYS,
     SUCCESS,
     add_common,
     command,
@@ -169,19 +170,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     write_csv(args.out / "baselines.csv", rows)
     png = args.out / "baselines.png"
     plot(rows, png)
-    keys = [
-        "models",
-        "restarts",
-        "hybrid_restarts",
-        "trials",
-        "schedule",
-        "steps",
-        "final_steps",
-        "direct_steps",
-        "lr",
-        "stride",
-        "seed",
-    ]
+    keys = ["models", "restarts", "hybrid_restarts", "trials", *COMMON_KEYS]
     body = (
         "## Compute-matched baselines (not in the paper)\n\n"
         f"`{command('baselines', args, keys)}` on {args.device}. `adam xR =` spends exactly "

@@ -24,6 +24,10 @@ SUCCESS = 0.01  # the paper's exact-recovery threshold on ||x_T - x*||
 M_GRID = [10, 20, 30, 40, 50, 70, 100, 200, 400]  # the paper's numbers of measurements
 
 
+# The shared solver flags (from add_common) quoted in each section's command line, in order.
+COMMON_KEYS = ("schedule", "steps", "final_steps", "direct_steps", "lr", "stride", "seed")
+
+
 def add_common(p: argparse.ArgumentParser, trials: int | None, stride: int = 1) -> None:
     """Flags every trajectory experiment shares (defaults = the paper's settings);
     trials=None for an experiment with a fixed set of targets (no --trials/--batch)."""

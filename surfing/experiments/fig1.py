@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from surfing.experiments.common import (
+    COMMON_KEYS,
     add_common,
     command,
     link,
@@ -110,19 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         }
         for j in range(args.targets)
     ]
-    keys = [
-        "model",
-        "targets",
-        "grid",
-        "extent",
-        "schedule",
-        "steps",
-        "final_steps",
-        "direct_steps",
-        "lr",
-        "stride",
-        "seed",
-    ]
+    keys = ["model", "targets", "grid", "extent", *COMMON_KEYS]
     body = (
         "## Figure 1: the evolving surface (k = 2)\n\n"
         f"`{command('fig1', args, keys)}` on {args.device}; {n} checkpoints, y = G_T(x*). "

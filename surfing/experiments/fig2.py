@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from surfing.experiments.common import (
+    COMMON_KEYS,
     SUCCESS,
     add_common,
     command,
@@ -154,17 +155,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.trials_csv
         else f"new solves, surfing schedule `{args.schedule}`"
     )
-    keys = [
-        "models",
-        "trials",
-        "schedule",
-        "steps",
-        "final_steps",
-        "direct_steps",
-        "lr",
-        "stride",
-        "seed",
-    ]
+    keys = ["models", "trials", *COMMON_KEYS]
     body = (
         "## Figures 2 and 5: distribution of ||x_T - x*||\n\n"
         f"`{command('fig2', args, keys)}` on {args.device} ({source}). x*, x_init ~ U[-1,1]^k "
