@@ -71,15 +71,25 @@ def generator_flops(G: torch.nn.Module) -> float:
     return total
 
 
-def matmul_flops(threads: int) -> float:
-    """The machine's fp32 matmul FLOP/s at this thread count (best of a few 1024^3 products)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def sync(device: torch.device) -> None:
+    """Drain the GPU queue before reading the clock (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device) -> float:
+    """The device's fp32 matmul FLOP/s (best of a few n^3 products; n = 1024 on the CPU at the
+    current thread count, 8192 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
-    for _ in range(20):
+    for _ in range(20 if device.type == "cpu" else 6):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * 1024**3 / best
+    return 2.0 * n**3 / best
 
 
 @dataclass
@@ -133,18 +143,21 @@ def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, A: torch.Tensor 
     """Time a few direct-Adam steps on the same batch: the machine is shared, so its speed
     drifts between rows; dividing each row by the probe taken just before it cancels the drift
     (the 'load-normalised ratio' column)."""
+    sync(b.device)
     t0 = time.perf_counter()
     direct(G, b, x, A, steps=PROBE_STEPS)
+    sync(b.device)
     return time.perf_counter() - t0
 
 
 def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, peak: float) -> None:
     manifest = store.manifest(args.model)
     k, n_pix = manifest.latent_dim, manifest.n_pixels
-    G = final_generator(store, args.model)
-    x_star = uniform_latents(args.targets, k, args.seed)
-    x_init = uniform_latents(args.targets, k, args.seed + 1)
-    A = gaussian_matrix(args.seed + 2, m, n_pix) if m else None
+    dev = torch.device(args.device)
+    G = final_generator(store, args.model, dev)
+    x_star = uniform_latents(args.targets, k, args.seed, dev)
+    x_init = uniform_latents(args.targets, k, args.seed + 1, dev)
+    A = gaussian_matrix(args.seed + 2, m, n_pix).to(dev) if m else None
     with torch.no_grad():
         y = G(x_star).flatten(1)
         b = y if A is None else y @ A.T
@@ -158,6 +171,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
     pr = probe(G, b, x_init, A)
     t0 = time.perf_counter()
     base_res = direct(G, b, x_init, A, steps=2000, lr=args.lr)
+    sync(dev)
     base = time.perf_counter() - t0
     row = Row("direct Adam 2000 (baseline)", base, ok(base_res), 2000, 0.0, 0, pr)
     rows.append((row, per_fwd * 2 * 2000))
@@ -167,6 +181,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         pr = probe(G, b, x_init, A)
         t0 = time.perf_counter()
         lm = levenberg_marquardt(G, x_init, b, A, max_iters=40)
+        sync(dev)
         dt = time.perf_counter() - t0
         lm_res = SolveResult(lm.x, lm.objective, int(lm.evals.mean()))
         row = Row("direct LM (no surfing)", dt, ok(lm_res), lm_res.evals, 0.0, 0, pr)
@@ -180,7 +195,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
             schedule, rule = parse_variant(variant, base_rule)
-            stages = TimedStages(generators(store, model_id, args.stride))
+            stages = TimedStages(generators(store, model_id, args.stride, dev))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
             res = surf(
@@ -194,6 +209,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 schedule=schedule,
                 rule=rule,
             )
+            sync(dev)
             dt = time.perf_counter() - t0
             name = f"surf {variant}" + ("" if model_id == args.model else f" [{model_id}]")
             row = Row(name, dt, ok(res), res.evals, stages.wait / dt, disk, pr)
@@ -205,7 +221,8 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             )
 
     op = "A = I" if A is None else f"Gaussian A, m = {m}"
-    print(f"\n### {args.model}, {op}, {args.targets} targets, {torch.get_num_threads()} threads\n")
+    where = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev)
+    print(f"\n### {args.model}, {op}, {args.targets} targets, {where}\n")
     print(
         "| variant | wall s | ratio to direct Adam | load-normalised ratio | success % "
         "| evals/target | I/O % | MB on disk | FLOP/s % of matmul |"
@@ -219,37 +236,43 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
 def run_batching(args: argparse.Namespace, store: ModelStore) -> None:
     """One pass with `--batch-targets` targets vs. single-target jobs (sampled, extrapolated)."""
     k = store.manifest(args.model).latent_dim
-    G = final_generator(store, args.model)
+    dev = torch.device(args.device)
+    G = final_generator(store, args.model, dev)
     n = args.batch_targets
-    x_star, x_init = uniform_latents(n, k, args.seed + 10), uniform_latents(n, k, args.seed + 11)
+    x_star = uniform_latents(n, k, args.seed + 10, dev)
+    x_init = uniform_latents(n, k, args.seed + 11, dev)
     with torch.no_grad():
         b = G(x_star).flatten(1)
+    sync(dev)
     t0 = time.perf_counter()
     together = surf(
-        generators(store, args.model, args.stride),
+        generators(store, args.model, args.stride, dev),
         b,
         x_init,
         steps=args.steps,
         lr=args.lr,
         final_steps=args.final_steps,
     )
+    sync(dev)
     batched = time.perf_counter() - t0
     singles = []
     for i in range(args.single_jobs):
+        sync(dev)
         t0 = time.perf_counter()
         alone = surf(
-            generators(store, args.model, args.stride),
+            generators(store, args.model, args.stride, dev),
             b[i : i + 1],
             x_init[i : i + 1],
             steps=args.steps,
             lr=args.lr,
             final_steps=args.final_steps,
         )
+        sync(dev)
         singles.append(time.perf_counter() - t0)
         diff = float((alone.x - together.x[i : i + 1]).abs().max())
         print(f"  single job {i}: {singles[-1]:.1f}s, max |x_alone - x_batched| = {diff:.2e}")
     per_job = sum(singles) / len(singles)
-    print(f"\n### batching, default schedule, {args.model}, A = I\n")
+    print(f"\n### batching, default schedule, {args.model}, A = I, {dev}\n")
     print(f"- one {n}-target pass: {batched:.1f} s ({n / batched:.2f} targets/s)")
     print(
         f"- single-target job (mean of {len(singles)}): {per_job:.1f} s "
@@ -279,19 +302,22 @@ def main() -> None:
     p.add_argument("--direct-lm", action="store_true", help="also time LM on G_T alone")
     p.add_argument("--batch-targets", type=int, default=0, help="0 = skip batching comparison")
     p.add_argument("--single-jobs", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     store = ModelStore(args.models_dir or default_store_root())
-    peak = matmul_flops(args.threads)
+    dev = torch.device(args.device)
+    peak = matmul_flops(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(
-        f"machine: {torch.get_num_threads()} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
-        f"torch {torch.__version__}; CPU only (no GPU in this session)",
+        f"machine: {name}, {torch.get_num_threads()} CPU threads, fp32 matmul "
+        f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}",
         flush=True,
     )
     for m in [] if args.skip_operators else args.m:
         run_operator(args, store, m or None, peak)
     print(
-        f"matmul FLOP/s measured again at the end: {matmul_flops(args.threads) / 1e9:.1f} G "
+        f"matmul FLOP/s measured again at the end: {matmul_flops(dev) / 1e9:.1f} G "
         "(the machine is shared: the best of the two is the peak to compare against)"
     )
     if args.batch_targets:
