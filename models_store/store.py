@@ -2,7 +2,8 @@
 
 Writers stream (one checkpoint in memory at a time) and make every step atomic, so a crash
 mid-training leaves a readable prefix of the trajectory. Readers stream checkpoints in order
-with a one-ahead background prefetch. Safetensors only: nothing here unpickles.
+through a background pipeline (parallel reads, in-order decoding). Safetensors only: nothing
+here unpickles.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +77,11 @@ class Checkpoint:
     index: int
     step: int
     tensors: dict[str, torch.Tensor]
+
+
+# What a reader may do to each checkpoint's tensors in the prefetch pipeline (e.g. move them to
+# the GPU), off the caller's thread.
+Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def _dump_manifest(manifest: Manifest) -> bytes:
@@ -308,22 +315,36 @@ class ModelStore:
         return _Decoder(self, manifest, verify).get(index % n).tensors
 
     def checkpoints(
-        self, model_id: str, stride: int = 1, prefetch: bool = True, verify: bool = True
+        self,
+        model_id: str,
+        stride: int = 1,
+        prefetch: bool = True,
+        verify: bool = True,
+        transform: Transform | None = None,
+        readers: int | None = None,
     ) -> Iterator[Checkpoint]:
         """Stream checkpoints in training order (see select_indices for the stride rule).
 
-        With prefetch, a single background thread reads (and hash-checks) the next checkpoint
-        while the caller works on the current one. Errors about the model itself (unknown id,
-        bad manifest, bad stride) are raised here, not at the first next().
+        With prefetch, background threads work ahead while the caller computes: `readers`
+        threads (default: half the CPU cores, at most 4) read and hash-check the next files in
+        parallel, and one thread decodes them in order and applies `transform` (e.g. the copy
+        to a GPU), so the caller receives ready tensors. Errors about the model itself
+        (unknown id, bad manifest, bad stride) are raised here, not at the first next(); an
+        error about one checkpoint is raised when the caller reaches it.
         """
         manifest = self.manifest(model_id)
         indices = select_indices(len(manifest.checkpoints), stride)
+        decoder = _Decoder(self, manifest, verify)  # decodes in index order (one thread)
 
-        read = _Decoder(self, manifest, verify).get  # called in index order (one thread)
+        def finish(index: int, raw: dict[str, torch.Tensor] | None) -> Checkpoint:
+            ckpt = decoder.get(index, raw)
+            if transform is not None:
+                ckpt = Checkpoint(ckpt.index, ckpt.step, transform(ckpt.tensors))
+            return ckpt
 
         if prefetch:
-            return _prefetched(read, indices)
-        return (read(i) for i in indices)
+            return _prefetched(decoder.read, finish, indices, readers or default_readers())
+        return (finish(i, None) for i in indices)
 
     def _read_raw(self, manifest: Manifest, index: int, verify: bool) -> dict[str, torch.Tensor]:
         info = manifest.checkpoints[index]
@@ -362,11 +383,13 @@ class _Decoder:
         self.store, self.manifest, self.verify = store, manifest, verify
         self.last: tuple[int, dict[str, torch.Tensor]] | None = None
 
-    def _raw(self, index: int) -> dict[str, torch.Tensor]:
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        """The stored (still encoded) tensors of one file; safe to call from any thread."""
         return self.store._read_raw(self.manifest, index, self.verify)
 
-    def get(self, index: int) -> Checkpoint:
-        raw = self._raw(index)
+    def get(self, index: int, raw: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+        """Checkpoint `index` decoded, from its already-read file `raw` if given."""
+        raw = self.read(index) if raw is None else raw
         if checkpoint_kind(self.manifest, raw) == DELTA:
             # Walk back to the remembered checkpoint or to a standalone one, then forward.
             chain = [raw]
@@ -377,7 +400,7 @@ class _Decoder:
                         f"model {self.manifest.model_id!r}: checkpoint {index} is a delta "
                         "with no keyframe before it"
                     )
-                chain.append(self._raw(i))
+                chain.append(self.read(i))
                 if checkpoint_kind(self.manifest, chain[-1]) != DELTA:
                     break
             previous = None
@@ -392,24 +415,50 @@ class _Decoder:
         return Checkpoint(index, self.manifest.checkpoints[index].step, tensors)
 
 
-def _prefetched(read: Callable[[int], Checkpoint], indices: list[int]) -> Iterator[Checkpoint]:
-    """Yield read(i) for each index while the next one loads on a worker thread.
+def default_readers() -> int:
+    """Parallel file readers for streaming: hashing a 26 MB checkpoint takes tens of ms on one
+    core, longer than a GPU needs for a surfing stage, so a many-core host reads several
+    files at once; a small one keeps one reader (and its cores for the solver)."""
+    return min(4, max(1, (os.cpu_count() or 1) // 2))
 
-    The pool is created on the first next() and always shut down (joined) in `finally`, so a
-    consumer that stops early and closes (or drops) the generator leaves no thread behind.
+
+def _prefetched(
+    read: Callable[[int], dict[str, torch.Tensor]],
+    finish: Callable[[int, dict[str, torch.Tensor]], Checkpoint],
+    indices: list[int],
+    readers: int,
+) -> Iterator[Checkpoint]:
+    """Yield finish(i, read(i)) for each index while later ones load in the background.
+
+    Up to `readers` files are read at once on a pool (reads are independent); `finish`
+    (decoding, which may need the previous checkpoint, and the caller's transform) runs on one
+    thread in index order. At most readers + 1 checkpoints are in flight. The pools are created
+    on the first next() and always shut down (joined) in `finally`, so a consumer that stops
+    early and closes (or drops) the generator leaves no thread behind.
     """
     if not indices:
         return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models_store-prefetch")
+    reading = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="models_store-prefetch")
+    decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models_store-prefetch-dec")
+    ahead = iter(indices)
+    pending: deque[Future[Checkpoint]] = deque()
+
+    def submit(index: int) -> None:
+        raw = reading.submit(read, index)
+        pending.append(decoding.submit(lambda: finish(index, raw.result())))
+
     try:
-        pending = pool.submit(read, indices[0])
-        for nxt in indices[1:]:
-            current = pending.result()
-            pending = pool.submit(read, nxt)
-            yield current
-        yield pending.result()
+        for _ in range(min(len(indices), readers + 1)):
+            submit(next(ahead))
+        while pending:
+            ckpt = pending.popleft().result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                submit(nxt)
+            yield ckpt
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        reading.shutdown(wait=True, cancel_futures=True)
+        decoding.shutdown(wait=True, cancel_futures=True)
 
 
 def convert(

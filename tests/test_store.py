@@ -139,6 +139,40 @@ def test_crash_mid_write_leaves_readable_prefix(tmp_path: Path) -> None:
         w.add(80, weights(80))  # writer is closed after the exception
 
 
+def test_corrupt_file_fails_at_its_own_position_with_parallel_readers(tmp_path: Path) -> None:
+    """Readers run ahead, but an error is raised when the caller reaches that checkpoint."""
+    store = ModelStore(tmp_path)
+    write(store, steps=tuple(range(6)))
+    path = tmp_path / "m" / "ckpt-000003.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    it = store.checkpoints("m", readers=4)
+    assert [next(it).index for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(CorruptCheckpoint, match="checkpoint 3"):
+        next(it)
+    assert not prefetch_threads()
+
+
+def test_transform_runs_in_the_pipeline(tmp_path: Path) -> None:
+    """`transform` (e.g. the copy to a GPU) is applied to every checkpoint, off the caller's
+    thread, with and without prefetch."""
+    store = ModelStore(tmp_path)
+    write(store)
+    threads: set[str] = set()
+
+    def double(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        threads.add(threading.current_thread().name)
+        return {k: 2 * v for k, v in tensors.items()}
+
+    for prefetch in (True, False):
+        threads.clear()
+        got = list(store.checkpoints("m", prefetch=prefetch, transform=double))
+        for c in got:
+            want = store.load("m", c.index)
+            assert all(torch.equal(c.tensors[k], 2 * want[k]) for k in want)
+        caller = threading.current_thread().name
+        assert (caller not in threads) if prefetch else (threads == {caller})
+
+
 def test_missing_file(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     write(store)
@@ -239,9 +273,9 @@ def test_prefetch_closed_early_leaves_no_threads(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     write(store, steps=tuple(range(6)))
     before = threading.active_count()
-    it = store.checkpoints("m")
+    it = store.checkpoints("m", readers=2)
     assert next(it).index == 0
-    assert len(prefetch_threads()) == 1  # the worker is loading checkpoint 1
+    assert prefetch_threads()  # readers and the decoder are working ahead
     it.close()
     assert not prefetch_threads() and threading.active_count() == before
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models_store import Checkpoint, ModelStore, select_indices
+from models_store import Checkpoint, ModelStore, Transform, select_indices
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -62,7 +62,13 @@ class WarmStore(ModelStore):
         return moved
 
     def checkpoints(
-        self, model_id: str, stride: int = 1, prefetch: bool = True, verify: bool = True
+        self,
+        model_id: str,
+        stride: int = 1,
+        prefetch: bool = True,
+        verify: bool = True,
+        transform: Transform | None = None,
+        readers: int | None = None,
     ) -> Iterator[Checkpoint]:
         manifest = self.manifest(model_id)
         indices = select_indices(len(manifest.checkpoints), stride)
@@ -70,12 +76,15 @@ class WarmStore(ModelStore):
         cached = [self._get(info.sha256) for info in infos]
         if all(t is not None for t in cached):
             self.hits += len(indices)
+            same = transform or (lambda tensors: tensors)
             return (
-                Checkpoint(i, info.step, t)  # type: ignore[arg-type]
+                Checkpoint(i, info.step, same(t))  # type: ignore[arg-type]
                 for i, info, t in zip(indices, infos, cached, strict=True)
             )
         self.misses += len(indices)
-        stream = super().checkpoints(model_id, stride=stride, prefetch=prefetch, verify=verify)
+        stream = super().checkpoints(
+            model_id, stride, prefetch, verify, transform=transform, readers=readers
+        )
         if sum(info.bytes for info in infos) > self.budget:
             return stream
         return self._filling(stream, manifest.checkpoints)
