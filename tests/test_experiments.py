@@ -90,6 +90,26 @@ def test_fig2_is_reproducible(store: ModelStore, tmp_path: Path) -> None:
     assert a == b
 
 
+def test_fig2_merge_keeps_earlier_models(store: ModelStore, tmp_path: Path) -> None:
+    """--merge adds a trajectory's rows to an earlier run's, whose trajectory may be gone."""
+    run_cli("fig2", store, tmp_path, "--models", "tiny-k2", "--trials", "4", *TINY)
+    for name in ("fig2.csv", "fig2_trials.csv"):  # as if an earlier run had a model "old-k2"
+        path = tmp_path / name
+        path.write_text(path.read_text().replace("tiny-k2", "old-k2"))
+    old = (tmp_path / "fig2_trials.csv").read_text()
+    merge = ["--models", "tiny-k2", "--trials", "4", "--merge", *TINY]
+    rows = run_cli("fig2", store, tmp_path, *merge)
+    assert sorted(r["model"] for r in rows) == ["old-k2", "tiny-k2"]
+    trials = (tmp_path / "fig2_trials.csv").read_text()
+    assert trials.count("old-k2") == 4 and trials.count("tiny-k2") == 4
+    assert [line for line in trials.splitlines() if "old-k2" in line] == [
+        line for line in old.splitlines() if "old-k2" in line
+    ]
+    assert "Rows of old-k2 are kept" in (tmp_path / "results.md").read_text()
+    run_cli("fig2", store, tmp_path, "--models", "tiny-k2", "--trials", "4", *TINY)  # no merge
+    assert "old-k2" not in (tmp_path / "fig2_trials.csv").read_text()
+
+
 def test_fig3(store: ModelStore, tmp_path: Path) -> None:
     rows = run_cli(
         "fig3",

@@ -39,6 +39,11 @@ METHODS = ("vae", "dcgan", "wgan", "wgan-gp")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", required=True, help="trajectory ids")
     p.add_argument("--trials-csv", type=Path, help="reuse table1_trials.csv (no new solves)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep other models' rows already in OUT/fig2*.csv (add trajectories run by run)",
+    )
     add_common(p, trials=300)
 
 
@@ -78,7 +83,31 @@ def from_csv(path: Path, model_id: str) -> dict[str, torch.Tensor]:
         rows = [r for r in csv.DictReader(f) if r["model"] == model_id]
     if not rows:
         raise ValueError(f"{path} has no trials of model {model_id!r}")
-    return {n: torch.tensor([float(r[f"dist {n}"]) for r in rows]) for n in ("surf", "adam")}
+    return from_rows(rows, model_id)
+
+
+def from_rows(rows: list[dict], model_id: str) -> dict[str, torch.Tensor]:
+    mine = [r for r in rows if r["model"] == model_id]
+    return {n: torch.tensor([float(r[f"dist {n}"]) for r in mine]) for n in ("surf", "adam")}
+
+
+def kept_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """--merge: the summary and per-trial rows of earlier runs for models not in --models
+    (their trajectories need not exist any more: everything shown is in the CSVs)."""
+    summary, trials = args.out / "fig2.csv", args.out / "fig2_trials.csv"
+    if not (args.merge and summary.exists() and trials.exists()):
+        return [], []
+    with summary.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] not in args.models]
+    with trials.open() as f:
+        trial_rows = [r for r in csv.DictReader(f) if r["model"] not in args.models]
+    for r in rows:
+        r["k"] = int(r["k"])
+        r["trials"] = int(r["trials"])
+        for key in r:
+            if key.endswith(("%", "dist")):
+                r[key] = float(r[key])
+    return rows, trial_rows
 
 
 def plot(panels: dict[str, tuple[str, int, dict[str, torch.Tensor]]], path: Path) -> None:
@@ -114,7 +143,9 @@ def plot(panels: dict[str, tuple[str, int, dict[str, torch.Tensor]]], path: Path
 
 def run(args: argparse.Namespace) -> list[dict]:
     store = open_store(args)
-    panels, rows, trial_rows = {}, [], []
+    rows, trial_rows = kept_rows(args)
+    panels = {r["model"]: (r["method"], r["k"], from_rows(trial_rows, r["model"])) for r in rows}
+    kept = [r["model"] for r in rows]
     for model_id in args.models:
         method, k = method_of(store, model_id)
         d = from_csv(args.trials_csv, model_id) if args.trials_csv else distances(model_id, args)
@@ -145,6 +176,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             }
             for i in range(len(d["surf"]))
         ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["k"], r["model"]))
     write_csv(args.out / "fig2.csv", rows)
     write_csv(args.out / "fig2_trials.csv", trial_rows)
     png = args.out / "fig2_distances.png"
@@ -156,10 +189,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         else f"new solves, surfing schedule `{args.schedule}`"
     )
     keys = ["models", "trials", *COMMON_KEYS]
+    earlier = (
+        f" Rows of {', '.join(kept)} are kept from earlier runs (`--merge`; see their trial "
+        "counts below; same seeds)."
+        if kept
+        else ""
+    )
     body = (
         "## Figures 2 and 5: distribution of ||x_T - x*||\n\n"
         f"`{command('fig2', args, keys)}` on {args.device} ({source}). x*, x_init ~ U[-1,1]^k "
-        "(the same draws as table1), y = G_T(x*).\n\n"
+        f"(the same draws as table1), y = G_T(x*).{earlier}\n\n"
         "Paper: on DCGAN (Fig 2) and on WGAN / WGAN-GP (Fig 5) direct Adam is bimodal -- "
         "it either recovers x* or stops far away (distances up to 2-5) -- while surfing puts "
         "almost all mass at 0; on the VAE both are at 0 (Fig 5, top row).\n\n"
