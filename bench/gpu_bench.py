@@ -47,7 +47,9 @@ def matmul_peak(tf32: bool, n: int = 8192) -> float:
     return 2.0 * n**3 / best
 
 
-def graphed_direct(G: torch.nn.Module, b: torch.Tensor, x0: torch.Tensor, steps: int, lr: float):
+def graphed_direct(
+    G: torch.nn.Module, b: torch.Tensor, x0: torch.Tensor, steps: int, lr: float
+) -> torch.Tensor:
     """`direct` (Adam on G from x0) with the step captured once as a CUDA graph and replayed.
 
     Same optimiser as surfing.solvers.adam_descent (torch.optim.Adam, here `capturable` so its
