@@ -355,6 +355,22 @@ def direct(
     return SolveResult(x, f, used)
 
 
+def polish(
+    G: nn.Module, res: SolveResult, b: torch.Tensor, A: torch.Tensor | None = None
+) -> SolveResult:
+    """Levenberg–Marquardt on G from each target's solution until its latent stops moving.
+
+    Comparing two unconverged endpoints by objective can pick the wrong one: at objectives
+    near 1e-6 an Adam endpoint in x*'s basin can sit lower than surfing's yet farther from
+    x* (seen on the H100, docs/results.md). Converging both first makes "lowest objective"
+    mean "best minimum found". LM accepts only decreasing steps, so the objective never rises.
+    """
+    rule = StageRule()
+    lm = levenberg_marquardt(G, res.x, b, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol)
+    evals = res.evals + int(round(float(lm.evals.double().mean())))
+    return SolveResult(lm.x, lm.objective, evals, res.trace)
+
+
 def _keep_best(best: SolveResult, other: SolveResult) -> SolveResult:
     """Per target, the solution with the lower objective (ties keep `best`)."""
     better = other.objective < best.objective
@@ -403,8 +419,9 @@ def hybrid(
     direct_steps: int = 2000,
     progress: Progress | None = None,
 ) -> SolveResult:
-    """Surf, then `restarts` direct descents on the final network; lowest objective wins,
-    so per target it is never worse (in objective) than either part."""
+    """Surf, then `restarts` direct descents on the final network; both are polished to
+    convergence (see `polish`) and the lowest objective wins, so per target it is never worse
+    (in objective) than either part."""
     last: list[nn.Module] = []
 
     def remember(stream: Iterable[Stage]) -> Iterator[Stage]:
@@ -415,4 +432,4 @@ def hybrid(
     total = len(stages) if hasattr(stages, "__len__") else None  # type: ignore[arg-type]
     surfed = surf(remember(stages), b, x_init, A, steps, lr, tol, final_steps, progress, total)
     restarted = direct_restarts(last[0], b, restarts, seed, A, None, direct_steps, lr, tol)
-    return _keep_best(surfed, restarted)
+    return _keep_best(polish(last[0], surfed, b, A), polish(last[0], restarted, b, A))

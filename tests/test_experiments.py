@@ -167,7 +167,7 @@ def test_baselines(store: ModelStore, tmp_path: Path) -> None:
 def test_baselines_hybrid_matches_solvers_hybrid(store: ModelStore) -> None:
     """The experiment composes hybrid from its parts; it must equal solvers.hybrid."""
     from surfing.experiments.baselines import keep_best
-    from surfing.solvers import direct_restarts, surf
+    from surfing.solvers import direct_restarts, polish, surf
 
     G = final_generator(store, "tiny-k2")
     x_init = uniform_latents(5, 2, 1)
@@ -177,7 +177,7 @@ def test_baselines_hybrid_matches_solvers_hybrid(store: ModelStore) -> None:
     h = hybrid(generators(store, "tiny-k2"), b, x_init, 2, seed=7, direct_steps=10, **kw)
     s = surf(generators(store, "tiny-k2"), b, x_init, **kw)
     r = direct_restarts(G, b, 2, seed=7, steps=10, lr=0.01)
-    composed = keep_best(s, r)
+    composed = keep_best(polish(G, s, b), polish(G, r, b))
     torch.testing.assert_close(h.objective, composed.objective)
     torch.testing.assert_close(h.x, composed.x)
     assert (h.objective <= torch.minimum(s.objective, r.objective)).all()

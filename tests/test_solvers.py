@@ -11,6 +11,7 @@ from surfing.solvers import (
     direct_restarts,
     hybrid,
     objective,
+    polish,
     surf,
     uniform_latents,
 )
@@ -103,6 +104,21 @@ def test_restarts_keep_the_lowest_objective_and_hybrid_is_never_worse(tmp_path) 
     restarted = direct_restarts(G, b, restarts=4, seed=9, steps=200)
     assert (mixed.objective <= surfed.objective + 1e-6).all()
     assert (mixed.objective <= restarted.objective + 1e-6).all()
+
+
+def test_polish_converges_and_never_raises_the_objective(tmp_path) -> None:
+    """Short Adam runs stop short of x*; polishing them by LM reaches it (exact targets)."""
+    store = interpolated_trajectory(tmp_path, "polish")
+    G = final_generator(store, "polish")
+    x_star = uniform_latents(6, 2, seed=1)
+    b = measure(G(x_star), None)
+    rough = direct(G, b, x_star + 0.05, steps=20)  # near x*, not converged
+    fine = polish(G, rough, b)
+    assert (fine.objective <= rough.objective).all()
+    assert float((fine.x - x_star).norm(dim=1).max()) < 0.1 * float(
+        (rough.x - x_star).norm(dim=1).max()
+    )
+    assert fine.evals > rough.evals
 
 
 def test_progress_callback_sees_every_stage_and_can_abort(tmp_path) -> None:
