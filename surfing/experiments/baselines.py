@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         f"`{command('baselines', args, keys)}` on {args.device}. `adam xR =` spends exactly "
         "surfing's generator evaluations split over R starts (the first is x_init); "
         "`restarts xH` is H full-length Adam runs from fresh U[-1,1]^k starts; `hybrid` = surf "
-        "+ `restarts xH`, lowest objective kept per target (`hybrid worse than a part` counts "
+        "+ `restarts xH`, both polished to convergence by Levenberg–Marquardt "
+        "(`solvers.polish`), lowest objective kept per target (`hybrid worse than a part` counts "
         "trials where its objective exceeds min(surf, restarts) -- must be 0).\n\n"
         + markdown_table(rows)
         + f"\n\n![success vs. evaluations]({link(png, args.results_md)})\n"
