@@ -154,9 +154,12 @@ table1_lane() {
             stamp "table1 $id done"
     done
 }
-half=$(((${#t1[@]} + 1) / 2))
-table1_lane t1a "${t1[@]:0:$half}" &
-table1_lane t1b "${t1[@]:$half}" &
+t1a=() t1b=()  # alternate, so both lanes get models from the front of the training queue
+for i in "${!t1[@]}"; do
+    if ((i % 2)); then t1b+=("${t1[$i]}"); else t1a+=("${t1[$i]}"); fi
+done
+table1_lane t1a "${t1a[@]}" &
+table1_lane t1b "${t1b[@]}" &
 for fig in fig3 fig4; do
     (need "${cs[@]}" && run "$fig" surfing experiment "$fig" --models "${cs[@]}" \
         --trials "$CS_TRIALS" --batch "$CS_TRIALS" --every-steps 100 --schedule auto \
