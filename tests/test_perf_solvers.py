@@ -121,6 +121,24 @@ def test_jacobian_matches_autograd_with_and_without_a() -> None:
             assert torch.allclose(out[i], f(x[i]), atol=1e-6)
 
 
+def test_jacobian_in_cpu_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU computes the Jacobian a few targets at a time; chunks change nothing."""
+    import surfing.lm
+
+    torch.manual_seed(0)
+    G = frozen(build_generator(INFOGAN))
+    x = uniform_latents(7, 3, seed=5)
+    A = gaussian_matrix(0, 20, 784)
+    for M in (None, A):
+        monkeypatch.setattr(surfing.lm, "CPU_JACOBIAN_ROWS", 10_000)
+        out, J = jacobian(G, x, M)
+        monkeypatch.setattr(surfing.lm, "CPU_JACOBIAN_ROWS", 8)  # 2 targets per chunk
+        out_c, J_c = jacobian(G, x, M)
+        assert J_c.shape == J.shape and out_c.shape == out.shape
+        torch.testing.assert_close(J_c, J, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out_c, out, atol=1e-6, rtol=1e-5)
+
+
 def test_lm_converges_in_compressed_sensing_and_keeps_targets_independent() -> None:
     torch.manual_seed(0)
     G = frozen(
