@@ -87,6 +87,7 @@ def from_csv(path: Path, model_id: str) -> dict[str, torch.Tensor]:
 
 
 def from_rows(rows: list[dict], model_id: str) -> dict[str, torch.Tensor]:
+    """Distances of one model from per-trial rows (table1's or fig2's own CSV)."""
     mine = [r for r in rows if r["model"] == model_id]
     return {n: torch.tensor([float(r[f"dist {n}"]) for r in mine]) for n in ("surf", "adam")}
 
@@ -190,8 +191,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     keys = ["models", "trials", *COMMON_KEYS]
     earlier = (
-        f" Rows of {', '.join(kept)} are kept from earlier runs (`--merge`; see their trial "
-        "counts below; same seeds)."
+        f" Rows of {', '.join(kept)} are kept from earlier runs (`--merge`: their flags are "
+        "not recorded here; trial counts below)."
         if kept
         else ""
     )
