@@ -10,7 +10,11 @@ fraction of the machine's measured matmul FLOP/s. Optionally the batching compar
     flock /tmp/surfing-heavy.lock python bench/surf_bench.py --model dcgan-k10 --targets 100
 
 A variant is a schedule name, optionally with StageRule overrides after a colon, so settings
-can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0`.
+can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0`;
+`paper:graphs=1` runs the paper schedule's Adam steps as a replayed CUDA graph
+(surfing.graphs), and `--graphs` adds the graphed direct-Adam baseline as a row.
+`--tf32 off` turns TF32 off for cuDNN convolutions and matmuls (a GPU's default keeps it on for
+convolutions); the "median dist" column shows what that does to precision.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class Row:
     io: float
     disk: int
     probe: float  # seconds of PROBE_STEPS direct-Adam steps timed just before this row
+    median_dist: float  # median ||x_T - x*|| (precision, beyond the 0.01 success threshold)
 
     def fmt(self, base: Row, flops: float, peak: float) -> str:
         achieved = flops / self.seconds if self.seconds else float("nan")
@@ -108,25 +113,31 @@ class Row:
         return (
             f"| {self.variant} | {self.seconds:.1f} | {self.seconds / base.seconds:.3f} | "
             f"{normalised:.3f} | {100 * self.success:.1f} | {self.evals} | "
-            f"{100 * self.io:.1f} | {self.disk / 1e6:.1f} | {100 * achieved / peak:.1f} |"
+            f"{100 * self.io:.1f} | {self.disk / 1e6:.1f} | {100 * achieved / peak:.1f} | "
+            f"{self.median_dist:.1e} |"
         )
 
 
 PROBE_STEPS = 60
 
 
-def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule]:
-    """'schedule[:field=value,...]' -> (schedule, StageRule with those fields overridden)."""
+def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
+    """'schedule[:field=value,...]' -> (schedule, StageRule with those fields overridden,
+    whether to use CUDA graphs: the pseudo-field `graphs`)."""
     name, _, opts = spec.partition(":")
     types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
     changes: dict[str, object] = {}
+    graphs = False
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
+        if key == "graphs":
+            graphs = value.lower() in ("1", "true", "yes")
+            continue
         if key not in types:
             raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
         kind = types[key]
         changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return name, dataclasses.replace(base, **changes)
+    return name, dataclasses.replace(base, **changes), graphs
 
 
 def action_shares(res: SolveResult) -> str:
@@ -166,6 +177,9 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
     def ok(res: SolveResult) -> float:
         return float(((res.x - x_star).norm(dim=1) < SUCCESS).float().mean())
 
+    def dist(res: SolveResult) -> float:
+        return float((res.x - x_star).norm(dim=1).median())
+
     rows: list[tuple[Row, float]] = []
     probe(G, b, x_init, A)  # warm-up: the first call pays one-off start-up costs
     pr = probe(G, b, x_init, A)
@@ -173,9 +187,21 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
     base_res = direct(G, b, x_init, A, steps=2000, lr=args.lr)
     sync(dev)
     base = time.perf_counter() - t0
-    row = Row("direct Adam 2000 (baseline)", base, ok(base_res), 2000, 0.0, 0, pr)
+    row = Row("direct Adam 2000 (baseline)", base, ok(base_res), 2000, 0.0, 0, pr, dist(base_res))
     rows.append((row, per_fwd * 2 * 2000))
     print(f"  baseline {base:.1f}s success {ok(base_res):.3f} probe {pr:.2f}s", flush=True)
+
+    if args.graphs:
+        direct(G, b, x_init, A, steps=5, lr=args.lr, graphs=True)  # warm-up: first capture
+        pr = probe(G, b, x_init, A)
+        t0 = time.perf_counter()
+        g_res = direct(G, b, x_init, A, steps=2000, lr=args.lr, graphs=True)
+        sync(dev)
+        dt = time.perf_counter() - t0
+        gap = float((g_res.x - base_res.x).abs().max())
+        row = Row("direct Adam 2000, CUDA graph", dt, ok(g_res), 2000, 0.0, 0, pr, dist(g_res))
+        rows.append((row, per_fwd * 2 * 2000))
+        print(f"  graphed baseline {dt:.1f}s, max |x - x_eager| {gap:.1e}", flush=True)
 
     if args.direct_lm:
         pr = probe(G, b, x_init, A)
@@ -184,7 +210,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         sync(dev)
         dt = time.perf_counter() - t0
         lm_res = SolveResult(lm.x, lm.objective, int(lm.evals.mean()))
-        row = Row("direct LM (no surfing)", dt, ok(lm_res), lm_res.evals, 0.0, 0, pr)
+        row = Row("direct LM (no surfing)", dt, ok(lm_res), lm_res.evals, 0.0, 0, pr, dist(lm_res))
         rows.append((row, per_fwd * 2 * float(lm.evals.sum()) / args.targets))
 
     copies = args.compressed if (m or 0) in args.compressed_m else []
@@ -194,7 +220,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             if model_id != args.model and variant not in args.compressed_variants:
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
-            schedule, rule = parse_variant(variant, base_rule)
+            schedule, rule, graphs = parse_variant(variant, base_rule)
             stages = TimedStages(generators(store, model_id, args.stride, dev))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
@@ -208,11 +234,12 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 final_steps=args.final_steps,
                 schedule=schedule,
                 rule=rule,
+                graphs=graphs,
             )
             sync(dev)
             dt = time.perf_counter() - t0
             name = f"surf {variant}" + ("" if model_id == args.model else f" [{model_id}]")
-            row = Row(name, dt, ok(res), res.evals, stages.wait / dt, disk, pr)
+            row = Row(name, dt, ok(res), res.evals, stages.wait / dt, disk, pr, dist(res))
             rows.append((row, per_fwd * 2 * res.evals))
             print(
                 f"  {name}: {dt:.1f}s success {ok(res):.3f} evals {res.evals} probe {pr:.2f}s "
@@ -225,9 +252,9 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
     print(f"\n### {args.model}, {op}, {args.targets} targets, {where}\n")
     print(
         "| variant | wall s | ratio to direct Adam | load-normalised ratio | success % "
-        "| evals/target | I/O % | MB on disk | FLOP/s % of matmul |"
+        "| evals/target | I/O % | MB on disk | FLOP/s % of matmul | median dist |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row, flops in rows:
         print(row.fmt(rows[0][0], flops, peak))
     print(flush=True)
@@ -303,15 +330,20 @@ def main() -> None:
     p.add_argument("--batch-targets", type=int, default=0, help="0 = skip batching comparison")
     p.add_argument("--single-jobs", type=int, default=5)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--graphs", action="store_true", help="add the CUDA-graphed baseline row")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tf32 != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     store = ModelStore(args.models_dir or default_store_root())
     dev = torch.device(args.device)
     peak = matmul_flops(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(
         f"machine: {name}, {torch.get_num_threads()} CPU threads, fp32 matmul "
-        f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}",
+        f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}; TF32 conv "
+        f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}",
         flush=True,
     )
     for m in [] if args.skip_operators else args.m:

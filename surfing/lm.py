@@ -91,7 +91,9 @@ def gauss_newton_step(
     d = torch.diagonal(H, dim1=1, dim2=2)
     lam_t = lam[:, None] if isinstance(lam, torch.Tensor) else lam
     damp = lam_t * (d + 1e-9 * d.amax(1, keepdim=True) + 1e-12)
-    step = -torch.linalg.solve(H + torch.diag_embed(damp), g)
+    # solve_ex: no error check, so no host sync (a GPU stage stays capturable as a CUDA graph);
+    # a singular system gives a non-finite step, whose trial f is not lower: LM rejects it.
+    step = -torch.linalg.solve_ex(H + torch.diag_embed(damp), g, check_errors=False)[0]
     Hs = (H @ step.unsqueeze(2)).squeeze(2)
     pred = -(g * step).sum(1) - 0.5 * (step * Hs).sum(1)
     return step, pred

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from surfing.lm import TrackState, levenberg_marquardt, track_step
+from surfing.graphs import GraphedAdam, GraphedLMStage
+from surfing.lm import TrackState, levenberg_marquardt, residual, track_step
 
 Stage = tuple[int, int, nn.Module]  # (checkpoint index, training step, generator)
 Progress = Callable[["StageTrace"], None]
@@ -99,10 +100,7 @@ def objective(
     G: nn.Module, x: torch.Tensor, b: torch.Tensor, A: torch.Tensor | None
 ) -> torch.Tensor:
     """Per-target f(x) = 1/2 ||A G(x) - b||^2, shape (B,)."""
-    out = G(x).flatten(1)
-    if A is not None:
-        out = out @ A.T
-    return 0.5 * (out - b).pow(2).sum(dim=1)
+    return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
 
 
 def uniform_latents(n: int, k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -119,9 +117,14 @@ def adam_descent(
     steps: int,
     lr: float,
     tol: float | None = None,
+    runner: GraphedAdam | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Up to `steps` Adam steps from x (fresh optimiser state); stops early once every target's
-    gradient norm is below `tol`. Returns (x, objective, steps used)."""
+    gradient norm is below `tol`. Returns (x, objective, steps used). With a `runner` the steps
+    are its replayed CUDA graph (unless `tol` is set: that test needs the host every step)."""
+    if runner is not None and tol is None:
+        x, f = runner.descend(G, x, steps)
+        return x, f, steps
     x = x.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     used = 0
@@ -276,6 +279,7 @@ def surf(
     total: int | None = None,
     schedule: str = DEFAULT_SCHEDULE,
     rule: StageRule | None = None,
+    graphs: bool = False,
 ) -> SolveResult:
     """Algorithm 3.1: descend each f_t warm-started from x_{t-1}, ending on the final network.
 
@@ -290,6 +294,11 @@ def surf(
     "lm-stride": "lm" with an adaptive checkpoint stride and Jacobian reuse: per target, a
     checkpoint across which its optimum barely moved is skipped, and a step reuses the
     target's last Jacobian while that still predicts the decrease (surfing.lm.track_step).
+
+    `graphs` (schedules "paper" and "lm"): run the paper's Adam steps, or "lm"'s one-iteration
+    intermediate stages, through one runner of surfing.graphs, captured once as a CUDA graph on
+    a GPU and replayed at every checkpoint (on a CPU the same fixed-shape code runs eagerly,
+    with the same results). Off by default until measured end to end on a GPU.
 
     `progress` is called after every stage; an exception raised from it aborts the solve.
     `evals` counts generator forward+backward passes per target (a mean for adaptive
@@ -306,15 +315,23 @@ def surf(
     cost = torch.zeros(n, dtype=torch.float64)
     f = torch.full((n,), float("nan"))
     track: TrackState | None = None
+    runner: GraphedAdam | None = None
+    lm_runner: GraphedLMStage | None = None
     for t, ((index, step, G), last) in enumerate(_with_last(stages)):
         action = None
         if schedule == "paper":
-            x, f, used = adam_descent(G, x, b, A, final_steps if last else steps, lr, tol)
+            if graphs and runner is None:
+                runner = GraphedAdam(G, b, A, lr, x.shape[1])
+            n_steps = final_steps if last else steps
+            x, f, used = adam_descent(G, x, b, A, n_steps, lr, tol, runner)
             cost += used
             steps_used = used
         else:
             if last and schedule != "adaptive-adam":
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_iters, rule)
+            elif schedule == "lm" and graphs and rule.lm_stage_iters == 1:
+                lm_runner = lm_runner or GraphedLMStage(G, b, A, x.shape[1])
+                x, f, c = lm_runner.step(G, x)
             elif schedule == "lm":
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_stage_iters, rule)
             elif schedule == "lm-stride":
@@ -349,9 +366,11 @@ def direct(
     steps: int = 2000,
     lr: float = 0.01,
     tol: float | None = None,
+    graphs: bool = False,
 ) -> SolveResult:
-    """Adam on the final network only, from x_init."""
-    x, f, used = adam_descent(G, x_init, b, A, steps, lr, tol)
+    """Adam on the final network only, from x_init (`graphs`: as in `surf`)."""
+    runner = GraphedAdam(G, b, A, lr, x_init.shape[1]) if graphs else None
+    x, f, used = adam_descent(G, x_init, b, A, steps, lr, tol, runner)
     return SolveResult(x, f, used)
 
 

@@ -180,7 +180,9 @@ def test_baselines_hybrid_matches_solvers_hybrid(store: ModelStore) -> None:
     composed = keep_best(polish(G, s, b), polish(G, r, b))
     torch.testing.assert_close(h.objective, composed.objective)
     torch.testing.assert_close(h.x, composed.x)
-    assert (h.objective <= torch.minimum(s.objective, r.objective)).all()
+    # never worse than either part, up to float32 noise below LM's ftol (1e-12), where the
+    # same latent's objective differs by ~1e-14 between batch compositions
+    assert (h.objective <= torch.minimum(s.objective, r.objective) + 1e-12).all()
 
 
 def test_alg32(tmp_path: Path) -> None:
