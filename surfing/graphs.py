@@ -31,11 +31,22 @@ def _objective(
     return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
 
 
+def _bare_copy(G: nn.Module) -> nn.Module:
+    """A deep copy of G without its hooks: they belong to the caller (a worker counts forward
+    passes for progress with one) and would fire while the graph is captured, not on replays."""
+    memo: dict[int, object] = {}
+    for module in G.modules():
+        for name, value in vars(module).items():
+            if "hooks" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(G, memo).eval()
+
+
 class _Replayed:
     """A generator copy, a batch's targets and one body of work replayed from a CUDA graph."""
 
     def __init__(self, G: nn.Module, b: torch.Tensor, A: torch.Tensor | None, k: int) -> None:
-        self.G = copy.deepcopy(G).eval()  # the graph's weights; later networks are copied in
+        self.G = _bare_copy(G)  # the graph's weights; later networks are copied in
         self.b = b.detach().clone()
         self.A = None if A is None else A.detach().clone()
         self.x = torch.zeros(b.shape[0], k, device=b.device, dtype=b.dtype)
