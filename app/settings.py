@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         description="A worker that takes a job also takes queued jobs that can share its pass "
         "over the trajectory, up to this many targets in all (0 = one job per pass).",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="Run surfing's fixed-shape steps (the paper schedule's Adam, 'lm' stages) as "
+        "CUDA graphs replayed per checkpoint (surfing.graphs); on a CPU the same arithmetic runs "
+        "eagerly. Off until measured end to end on a GPU (scripts/gpu_issue5.sh).",
+    )
     torch_threads: int | None = Field(None, ge=1)
     rq_result_ttl_s: int = Field(3600, ge=0)
     rq_failure_ttl_s: int = Field(7 * 24 * 3600, ge=0)

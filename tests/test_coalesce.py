@@ -152,3 +152,32 @@ def test_a_job_canceled_during_the_pass_is_dropped_alone(
     statuses = [outcome(env, j)[0].status for j in ids]
     assert statuses == ["succeeded", "canceled", "succeeded"]
     assert outcome(env, ids[1])[1] is None
+
+
+@pytest.mark.parametrize("schedule", ["paper", "lm"])
+def test_the_cuda_graphs_setting_reaches_the_solver_and_changes_no_result(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, schedule: str
+) -> None:
+    """SURFING_CUDA_GRAPHS: a surf job runs through surfing.graphs (eagerly on this CPU) and
+    gets exactly the result it gets without it."""
+    from surfing import graphs
+
+    runs: list[str] = []
+    real_run = graphs._Replayed._run
+
+    def spy(self: graphs._Replayed, *args: Any) -> None:
+        runs.append(type(self).__name__)
+        real_run(self, *args)
+
+    monkeypatch.setattr(graphs._Replayed, "_run", spy)
+    solo = env["settings"].model_copy(update={"coalesce_max_targets": 0})
+    opts = {"schedule": schedule, "steps": 3, "final_steps": 6}
+    plain = invert_job(env, 0.3, seed=1, **opts)
+    wj.run_job(plain, solo)
+    assert runs == []
+    graphed = invert_job(env, 0.3, seed=1, **opts)
+    wj.run_job(graphed, solo.model_copy(update={"cuda_graphs": True}))
+    assert runs and set(runs) == {"GraphedAdam" if schedule == "paper" else "GraphedLMStage"}
+    (job_a, a), (job_b, b) = outcome(env, plain), outcome(env, graphed)
+    assert job_a.status == job_b.status == "succeeded" and a is not None and b is not None
+    assert a.latent == b.latent and a.evals == b.evals

@@ -491,8 +491,11 @@ def _load_pass(
     )
 
 
-def _solve(job: Pass, store: WarmStore, device: torch.device, tracker: Tracker) -> SolveResult:
-    """Run the job's method on the whole pass."""
+def _solve(
+    job: Pass, store: WarmStore, device: torch.device, tracker: Tracker, graphs: bool = False
+) -> SolveResult:
+    """Run the job's method on the whole pass. `graphs` applies to "surf" only: direct Adam
+    counts progress with a forward hook, which a replayed graph would not call."""
     params, model_id, b, x0, A = job.params, job.model_id, job.b, job.x0, job.A
     seed = int(params.get("seed", 0))
     stride = int(params.get("stride", 1))
@@ -507,6 +510,7 @@ def _solve(job: Pass, store: WarmStore, device: torch.device, tracker: Tracker) 
                 x0,
                 A,
                 progress=tracker.on_stage,
+                graphs=graphs,
                 **_opts(params, "steps", "final_steps", "schedule"),
                 **lr_tol,
             )
@@ -557,7 +561,7 @@ def _execute(
     )
     tracker.maybe_write(force=True)
     t0 = time.perf_counter()
-    res = _solve(job, store, device, tracker)
+    res = _solve(job, store, device, tracker, settings.cuda_graphs)
     solve_s = time.perf_counter() - t0
     tracker.check()
 
