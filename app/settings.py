@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         "CUDA graphs replayed per checkpoint (surfing.graphs); on a CPU the same arithmetic runs "
         "eagerly. Off until measured end to end on a GPU (scripts/gpu_issue5.sh).",
     )
+    tf32: bool = Field(
+        True,
+        description="Let cuDNN run a GPU worker's convolutions on TF32 (PyTorch's default). "
+        "false: latents ~1000x closer to the exact solution (bench/tf32_emulation.py), at a "
+        "speed cost not yet measured on a GPU.",
+    )
     torch_threads: int | None = Field(None, ge=1)
     rq_result_ttl_s: int = Field(3600, ge=0)
     rq_failure_ttl_s: int = Field(7 * 24 * 3600, ge=0)

@@ -78,7 +78,9 @@ class _Replayed:
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the trajectory's prefetch thread keeps copying the next checkpoints to
+        # the GPU during the capture; "global" would forbid its allocations and copies
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._body()
 
     def _run(self, G: nn.Module, x0: torch.Tensor, times: int) -> None:

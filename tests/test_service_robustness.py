@@ -223,3 +223,18 @@ def test_warm_store_keeps_trajectories_in_memory(tmp_path: Path) -> None:
     list(small.checkpoints("w"))
     list(small.checkpoints("w"))
     assert (small.hits, small.misses) == (0, 6)
+
+
+def test_worker_start_up_applies_the_tf32_setting(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SURFING_TF32=false turns cuDNN's TF32 off for the worker process (GPU precision)."""
+    import torch
+
+    from worker.jobs import prepare_runtime
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    prepare_runtime(env["settings"].model_copy(update={"tf32": False}))
+    assert torch.backends.cudnn.allow_tf32 is False
+    prepare_runtime(env["settings"])
+    assert torch.backends.cudnn.allow_tf32 is True

@@ -710,15 +710,18 @@ def on_rq_failure(job: Any, connection: Any, exc_type: Any, value: Any, tb: Any)
 
 
 def prepare_runtime(settings: Settings) -> torch.device:
-    """Worker start-up: thread count and device (logged once, so deployments can check it)."""
+    """Worker start-up: thread count, TF32 and device (logged once, so deployments can check)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    torch.backends.cudnn.allow_tf32 = settings.tf32
     device = pick_device(settings)
     log.info(
-        "surfing worker: device %s%s, torch %s, %d threads",
+        "surfing worker: device %s%s, torch %s, %d threads, TF32 convolutions %s, CUDA graphs %s",
         device,
         f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
         torch.__version__,
         torch.get_num_threads(),
+        settings.tf32,
+        settings.cuda_graphs,
     )
     return device
