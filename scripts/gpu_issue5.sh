@@ -10,7 +10,12 @@
 #   4. the same A = I rows with TF32 off: the "median dist" column answers whether TF32 is why
 #      GPU solutions sit ~1000x farther from x* than CPU ones (3.5e-4 vs 5.3e-7).
 # Writes logs under $RESULTS (default out/gpu5, git-ignored); TARBALL=path packs them into one
-# file. Never edits docs. Plumbing check without a GPU:
+# file. Never edits docs. On the device machine (which has no dataset package):
+#   here:  mkdir .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/ &&
+#          echo /.fmnist/ >> .git/info/exclude
+#   run:   carry [".fmnist"], command "TARBALL=$OUT/gpu5.tgz bash scripts/gpu_issue5.sh",
+#          timeout_s 560 (the deadline is 420 s; the machine's start counts on top)
+# Plumbing check without a GPU:
 #   DEVICE=cpu TARGETS=4 SINGLES=1 TRAIN_ARGS="--max-steps 8 --width 0.125" scripts/gpu_issue5.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +28,8 @@ TRAIN_ARGS=${TRAIN_ARGS:-}
 RESULTS=${RESULTS:-out/gpu5}  # not named OUT, which the device tool sets
 MODELS=${MODELS:-/tmp/surfing-models-gpu5}
 export SURFING_MODELS_DIR=$MODELS OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
+# The device machine has no dataset package: carry the .gz files in .fmnist (git-excluded).
+if [ -z "${SURFING_DATA_DIR:-}" ] && [ -d .fmnist ]; then export SURFING_DATA_DIR=$PWD/.fmnist; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$RESULTS" "$MODELS"
 END=$((SECONDS + DEADLINE))
@@ -60,7 +67,9 @@ wait
 stamp "dcgan-k10 ready"
 
 if [ "$DEVICE" = cuda ]; then
-    step gpu_bench.txt python3 bench/gpu_bench.py --steps 300 --batches 1 10 100 300 &&
+    # --compile-batches with none: torch.compile failed in session 3 and costs a minute to fail
+    step gpu_bench.txt python3 bench/gpu_bench.py --steps 300 --batches 1 10 100 300 \
+        --compile-batches &&
         stamp "gpu_bench done"
 fi
 step surf_bench.txt python3 bench/surf_bench.py --device "$DEVICE" --model dcgan-k10 \
