@@ -145,9 +145,12 @@ class GraphedAdam(_Replayed):
 
 
 class GraphedLMStage(_Replayed):
-    """Schedule "lm"'s intermediate stage, one Levenberg–Marquardt iteration per target, as one
-    graph: the same arithmetic as `levenberg_marquardt(..., max_iters=1)`, but on the whole
-    batch with the accept test as a `where` instead of index lists, so every shape is fixed.
+    """Schedule "lm"'s intermediate stage as one graph: per target, one Jacobian and up to
+    `trials` damped Gauss–Newton trials until one lowers f (λ /= 3 on success, *= 4 on
+    failure) -- the arithmetic of `levenberg_marquardt(..., max_iters=trials, max_accepts=1)`,
+    but on the whole batch with `where` masks instead of index lists, so every shape is fixed.
+    Every trial evaluates every target (a finished one's result is discarded); the reported
+    cost counts only the trials a target needed, as levenberg_marquardt does.
     """
 
     def __init__(
@@ -156,37 +159,48 @@ class GraphedLMStage(_Replayed):
         b: torch.Tensor,
         A: torch.Tensor | None,
         k: int,
+        trials: int = 1,
         lam: float = 1e-3,
         ftol: float = 1e-12,
     ) -> None:
         super().__init__(G, b, A, k)
-        self.lam = torch.full((b.shape[0],), float(lam), dtype=b.dtype, device=b.device)
-        self.ftol = ftol
+        self.trials, self.lam0, self.ftol = trials, float(lam), ftol
         self.x_out = torch.zeros_like(self.x)
         self.f_out = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
-        self.moved = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+        self.active = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+        self.tried = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
 
     def _body(self) -> None:
         with torch.no_grad():
             r = residual(self.G, self.x, self.b, self.A)
             f = 0.5 * r.pow(2).sum(1)
             _, J = jacobian(self.G, self.x, self.A)
-            # contiguous, as levenberg_marquardt's stored copy is: JᵀJ then rounds the same
-            step, _ = gauss_newton_step(J.contiguous(), r, self.lam)
-            x_try = self.x + step
-            f_try = 0.5 * residual(self.G, x_try, self.b, self.A).pow(2).sum(1)
+            J = J.contiguous()  # as levenberg_marquardt's stored copy: JᵀJ rounds the same
             active = f >= self.ftol  # levenberg_marquardt leaves converged targets alone
-            ok = active & (f_try < f)
-            self.x_out.copy_(torch.where(ok[:, None], x_try, self.x))
-            self.f_out.copy_(torch.where(ok, f_try, f))
-            self.moved.copy_(active)
+            searching = active.clone()
+            lam = torch.full_like(f, self.lam0)
+            x_new, f_new, tried = self.x.clone(), f.clone(), torch.zeros_like(f)
+            for _ in range(self.trials):
+                step, _ = gauss_newton_step(J, r, lam)
+                x_try = self.x + step
+                f_try = 0.5 * residual(self.G, x_try, self.b, self.A).pow(2).sum(1)
+                ok = searching & (f_try < f)
+                x_new = torch.where(ok[:, None], x_try, x_new)
+                f_new = torch.where(ok, f_try, f_new)
+                tried += searching.to(tried.dtype)
+                lam = torch.where(ok, lam / 3, lam * 4).clamp(1e-12, 1e12)
+                searching = searching & ~ok
+            self.x_out.copy_(x_new)
+            self.f_out.copy_(f_new)
+            self.active.copy_(active)
+            self.tried.copy_(tried)
 
     def step(
         self, G: nn.Module, x0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One LM iteration on G from x0: (x, objective, evals per target), costed as
+        """The stage on G from x0: (x, objective, evals per target), costed as
         levenberg_marquardt costs it (a converged target pays only its first forward pass)."""
         self._run(G, x0, 1)
         k = self.x.shape[1]
-        evals = torch.where(self.moved.cpu(), (1 + (1 + k) + 1) / 2, 0.5).to(self.x.dtype)
-        return self.x_out.clone(), self.f_out.clone(), evals
+        forwards = 1 + torch.where(self.active, (1 + k) + self.tried, 0.0)
+        return self.x_out.clone(), self.f_out.clone(), (forwards / 2).cpu()

@@ -109,13 +109,16 @@ def levenberg_marquardt(
     ftol: float = 1e-12,
     lam: float = 1e-3,
     r0: torch.Tensor | None = None,
+    max_accepts: int | None = None,
 ) -> LMResult:
     """Minimise 1/2||A G(x) - b||^2 per target by damped Gauss–Newton from x.
 
     Step: (JᵀJ + λ diag(JᵀJ) + λ·1e-9 I) δ = -Jᵀr. Accepted (f drops) ⇒ λ /= 3; rejected ⇒
     λ *= 4 and the same Jacobian is reused (no recomputation). A target stops when an accepted
     step is shorter than `xtol` (its latent no longer moves), when f < `ftol`, or after
-    `max_iters` Jacobians. Cost is reported in forward+backward equivalents (a forward pass
+    `max_iters` trial steps, or (with `max_accepts`) after that many accepted steps -- one
+    surfing stage takes a single accepted step, retrying a rejected one with more damping on
+    the same Jacobian. Cost is reported in forward+backward equivalents (a forward pass
     counts 1/2): a Jacobian is one primal plus k tangent passes, (1 + k)/2; a trial point 1/2.
     `r0`, if given, is the residual at x that the caller already computed (its forward pass is
     then the caller's to count): the stride schedule evaluates every target anyway to decide
@@ -138,6 +141,7 @@ def levenberg_marquardt(
     Jall = torch.zeros(B, r.shape[1], k, dtype=x.dtype, device=x.device)
     stale = torch.ones(B, dtype=torch.bool, device=x.device)  # Jacobian must be recomputed
     active &= f >= ftol
+    accepts = torch.zeros(B, dtype=torch.long, device=x.device)
     for _ in range(max_iters):
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -163,6 +167,9 @@ def levenberg_marquardt(
         lam_t[idx] = torch.where(ok, lam_t[idx] / 3, lam_t[idx] * 4).clamp(1e-12, 1e12)
         small = step.norm(dim=1) < xtol
         done = (ok & small) | (f[idx] < ftol) | (~ok & small & (lam_t[idx] > 1e6))
+        if max_accepts is not None:
+            accepts[acc] += 1
+            done |= accepts[idx] >= max_accepts
         active[idx[done]] = False
     return LMResult(x, f, iters, forwards / 2, Jall)
 

@@ -189,7 +189,8 @@ class StageRule:
     gtol: float = 0.0
     lm_iters: int = 40
     lm_xtol: float = 1e-6
-    lm_stage_iters: int = 1  # schedule "lm": Jacobians per intermediate stage (measured: 1 < 2)
+    lm_stage_iters: int = 1  # schedule "lm": accepted steps (Jacobians) per intermediate stage
+    lm_stage_trials: int = 1  # ... and trial steps at most (a rejected one is retried, damped)
     # schedule "lm-stride" (see surfing.lm.track_step): a target skips a checkpoint when the
     # Gauss–Newton step predicted by its stored Jacobian is shorter than `skip_xtol`; a step
     # first tries that prediction (a chord step, kept if f drops by `reuse_eta` x the predicted
@@ -261,8 +262,9 @@ def _lm_stage(
     A: torch.Tensor | None,
     iters: int,
     rule: StageRule,
+    accepts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = levenberg_marquardt(G, x, b, A, max_iters=iters, xtol=rule.lm_xtol)
+    res = levenberg_marquardt(G, x, b, A, max_iters=iters, xtol=rule.lm_xtol, max_accepts=accepts)
     return res.x, res.objective, res.evals
 
 
@@ -330,10 +332,12 @@ def surf(
             if last and schedule != "adaptive-adam":
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_iters, rule)
             elif schedule == "lm" and graphs and rule.lm_stage_iters == 1:
-                lm_runner = lm_runner or GraphedLMStage(G, b, A, x.shape[1])
+                trials = rule.lm_stage_trials
+                lm_runner = lm_runner or GraphedLMStage(G, b, A, x.shape[1], trials)
                 x, f, c = lm_runner.step(G, x)
             elif schedule == "lm":
-                x, f, c = _lm_stage(G, x, b, A, rule.lm_stage_iters, rule)
+                trials = max(rule.lm_stage_trials, rule.lm_stage_iters)
+                x, f, c = _lm_stage(G, x, b, A, trials, rule, rule.lm_stage_iters)
             elif schedule == "lm-stride":
                 x, f, c, track, action = track_step(
                     G,

@@ -17,7 +17,7 @@ from surfing.graphs import GraphedAdam, GraphedLMStage
 from surfing.lm import levenberg_marquardt
 from surfing.measure import gaussian_matrix
 from surfing.nets import build_generator
-from surfing.solvers import direct, surf, uniform_latents
+from surfing.solvers import StageRule, direct, surf, uniform_latents
 from surfing.trajectory import final_generator, frozen, generators
 from tests.helpers import interpolated_trajectory
 
@@ -101,6 +101,23 @@ def test_lm_stage_is_one_levenberg_marquardt_iteration() -> None:
         assert torch.equal(evals, ref.evals)
 
 
+def test_lm_stage_with_retries_is_levenberg_marquardt_until_its_first_accepted_step() -> None:
+    """Rejected trials are retried with more damping on the same Jacobian. Targets that need
+    a second trial run it in a smaller batch in levenberg_marquardt: equal up to rounding."""
+    torch.manual_seed(0)
+    G = frozen(build_generator(INFOGAN))
+    x0 = uniform_latents(16, 3, seed=3)
+    b = torch.rand(16, 784)  # off-range targets: many first trials overshoot and are rejected
+    ref = levenberg_marquardt(G, x0, b, None, max_iters=3, max_accepts=1)
+    one = levenberg_marquardt(G, x0, b, None, max_iters=1)
+    assert (ref.evals > one.evals).any(), "no target needed a retry: the test checks nothing"
+    assert int(ref.iters.max()) == 1  # one Jacobian: the stage ends at the first accepted step
+    x, f, evals = GraphedLMStage(G, b, None, k=3, trials=3).step(G, x0)
+    assert torch.equal(evals, ref.evals)
+    torch.testing.assert_close(x, ref.x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(f, ref.objective, rtol=1e-4, atol=1e-9)
+
+
 def test_lm_stage_leaves_a_solved_target_alone() -> None:
     """f < ftol: levenberg_marquardt drops the target from its batch, the graph masks it. The
     other targets then run in batches of different sizes, so they agree up to rounding."""
@@ -120,6 +137,7 @@ def test_lm_stage_leaves_a_solved_target_alone() -> None:
 
 @pytest.mark.parametrize("m", [0, 60])
 def test_lm_schedule_with_graphs_matches_the_reference(tmp_path: Path, m: int) -> None:
+    """One trial per stage: bit for bit (the default's retries: see the test above)."""
     store = interpolated_trajectory(tmp_path, "l", INFOGAN, n_ckpt=6)
     G = final_generator(store, "l")
     A = gaussian_matrix(5, m, 784) if m else None
@@ -127,8 +145,9 @@ def test_lm_schedule_with_graphs_matches_the_reference(tmp_path: Path, m: int) -
         y = G(uniform_latents(4, 3, seed=1)).flatten(1)
     b = y if A is None else y @ A.T
     x0 = uniform_latents(4, 3, seed=2)
-    ref = surf(generators(store, "l"), b, x0, A, schedule="lm")
-    mine = surf(generators(store, "l"), b, x0, A, schedule="lm", graphs=True)
+    one = StageRule(lm_stage_trials=1)
+    ref = surf(generators(store, "l"), b, x0, A, schedule="lm", rule=one)
+    mine = surf(generators(store, "l"), b, x0, A, schedule="lm", rule=one, graphs=True)
     assert torch.equal(mine.x, ref.x) and torch.equal(mine.target_evals, ref.target_evals)
     for a, r in zip(mine.trace, ref.trace, strict=True):
         assert torch.equal(a.objective, r.objective)
