@@ -6,9 +6,10 @@ ran 7.8x faster at batch 1 and 4.7x at batch 300 on an H100 (bench/gpu_bench.py)
 records the address of every tensor it touches, so a runner owns them all: its own copy of the
 generator (each new network is copied into it in place), the targets, the latents and the
 solver state, which are reset in place before every use. Two fixed-shape loops fit: Adam
-(the paper's schedule, direct descent) and the one Levenberg–Marquardt iteration of schedule
-"lm"'s intermediate stages. Both are written without host synchronisation, and the same code
-runs eagerly on a CPU, where the tests require it to equal the plain solvers bit for bit.
+(the paper's schedule, direct descent) and the Levenberg–Marquardt step of schedule "lm"'s
+intermediate stages. Both are written without host synchronisation, and the same code runs
+eagerly on a CPU, where the tests require it to equal the plain solvers (bit for bit, except
+where levenberg_marquardt retries a step in a smaller batch and so rounds differently).
 """
 
 from __future__ import annotations
