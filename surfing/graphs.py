@@ -19,17 +19,10 @@ import copy
 import torch
 from torch import nn
 
-from surfing.lm import gauss_newton_step, jacobian, residual
+from surfing.lm import gauss_newton_step, jacobian, objective, residual
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as adam_descent uses
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuDNN/autograd set-up)
-
-
-def _objective(
-    G: nn.Module, x: torch.Tensor, b: torch.Tensor, A: torch.Tensor | None
-) -> torch.Tensor:
-    """Per-target 1/2 ||A G(x) - b||^2, as surfing.solvers.objective computes it."""
-    return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
 
 
 def _bare_copy(G: nn.Module) -> nn.Module:
@@ -119,7 +112,7 @@ class GraphedAdam(_Replayed):
 
     def _body(self) -> None:
         """One Adam step, in place, in torch.optim.Adam's order of operations."""
-        f = _objective(self.G, self.x, self.b, self.A)
+        f = objective(self.G, self.x, self.b, self.A)
         (g,) = torch.autograd.grad(f.sum(), self.x)
         with torch.no_grad():
             self.t.add_(1)
@@ -141,7 +134,7 @@ class GraphedAdam(_Replayed):
         """`steps` Adam steps on G from x0 (fresh state). Returns (x, per-target objective)."""
         self._run(G, x0, steps)
         with torch.no_grad():
-            f = _objective(self.G, self.x, self.b, self.A)
+            f = objective(self.G, self.x, self.b, self.A)
         return self.x.detach().clone(), f
 
 

@@ -33,6 +33,13 @@ def residual(
     return out - b
 
 
+def objective(
+    G: nn.Module, x: torch.Tensor, b: torch.Tensor, A: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-target f(x) = 1/2 ||A G(x) - b||^2, shape (B,)."""
+    return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
+
+
 # On a CPU the tangent passes of ~25 targets (k = 10: ~275 rows) fit the caches; one pass over
 # all of them at 100 targets (1,100 rows) ran ~15 % slower per row. A GPU wants big batches.
 CPU_JACOBIAN_ROWS = 256

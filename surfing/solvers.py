@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from surfing.graphs import GraphedAdam, GraphedLMStage
-from surfing.lm import TrackState, levenberg_marquardt, residual, track_step
+from surfing.lm import TrackState, levenberg_marquardt, objective, track_step
 
 Stage = tuple[int, int, nn.Module]  # (checkpoint index, training step, generator)
 Progress = Callable[["StageTrace"], None]
@@ -94,13 +94,6 @@ def split_result(res: SolveResult, sizes: list[int]) -> list[SolveResult]:
         out.append(SolveResult(res.x[lo:hi], res.objective[lo:hi], evals, trace, cost))
         lo = hi
     return out
-
-
-def objective(
-    G: nn.Module, x: torch.Tensor, b: torch.Tensor, A: torch.Tensor | None
-) -> torch.Tensor:
-    """Per-target f(x) = 1/2 ||A G(x) - b||^2, shape (B,)."""
-    return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
 
 
 def uniform_latents(n: int, k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
