@@ -39,7 +39,8 @@ class SolveOptions(BaseModel):
     schedule: Schedule | None = Field(
         None,
         description="How method=surf spends each stage (surfing.solvers): auto (default: the "
-        "fastest schedule that held the paper's success rate: lm, or paper when m <= 2k), "
+        "fastest schedule that held the paper's success rate: lm-stride, or paper when "
+        "m <= 2k), "
         "adaptive (Adam "
         "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
         "the final network), adaptive-adam (the same with Adam at the end), lm "
@@ -47,6 +48,14 @@ class SolveOptions(BaseModel):
         "target's predicted step is tiny and reuses Jacobians across checkpoints), paper "
         "(exactly `steps` Adam steps per stage and `final_steps` at the end, Algorithm 3.1 as "
         "published).",
+    )
+    rescue: bool | None = Field(
+        None,
+        description="method=surf with any schedule but paper: a target whose final residual "
+        "is above 1 % of the target (in norm) surfs the trajectory again from a fresh start and "
+        "keeps the better result (default true; on targets that lie on the model's range this "
+        "finds the optimum where the first pass missed it). Images off the model's range are "
+        "never fitted that well, so each takes the extra pass: set false to skip it.",
     )
     steps: int | None = Field(
         None,
@@ -87,8 +96,9 @@ class SolveOptions(BaseModel):
 
     @model_validator(mode="after")
     def _schedule_is_for_surf(self) -> SolveOptions:
-        if self.schedule is not None and self.method != "surf":
-            raise ValueError(f"schedule applies to method 'surf' only, not {self.method!r}")
+        for name in ("schedule", "rescue"):
+            if getattr(self, name) is not None and self.method != "surf":
+                raise ValueError(f"{name} applies to method 'surf' only, not {self.method!r}")
         return self
 
 
@@ -135,7 +145,10 @@ class JobAccepted(BaseModel):
 
 class Progress(BaseModel):
     stage: int | None = Field(None, description="Stage in progress, 1-based.")
-    stages: int | None = Field(None, description="Total stages T (checkpoints used).")
+    stages: int | None = Field(
+        None,
+        description="Total stages T (checkpoints used); grows by T when a rescue pass starts.",
+    )
     objective: float | None = Field(None, description="Current mean objective over targets.")
     updated_at: datetime | None = None
 

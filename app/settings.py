@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         False,
-        description="Run surfing's fixed-shape steps (the paper schedule's Adam, 'lm' stages) as "
+        description="Run surfing's fixed-shape steps (the paper schedule's Adam, the 'lm' "
+        "schedule's stages; the default 'auto' = 'lm-stride' has none) as "
         "CUDA graphs replayed per checkpoint (surfing.graphs); on a CPU the same arithmetic runs "
         "eagerly. Off until measured end to end on a GPU (scripts/gpu_issue5.sh).",
     )

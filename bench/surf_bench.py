@@ -10,7 +10,8 @@ fraction of the machine's measured matmul FLOP/s. Optionally the batching compar
     flock /tmp/surfing-heavy.lock python bench/surf_bench.py --model dcgan-k10 --targets 100
 
 A variant is a schedule name, optionally with StageRule overrides after a colon, so settings
-can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0`;
+can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0` or
+`lm:rescue_rtol=none` (no rescue pass);
 `paper:graphs=1` runs the paper schedule's Adam steps as a replayed CUDA graph
 (surfing.graphs), and `--graphs` adds the graphed direct-Adam baseline as a row.
 `--tf32 off` turns TF32 off for cuDNN convolutions and matmuls (a GPU's default keeps it on for
@@ -126,6 +127,7 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
     whether to use CUDA graphs: the pseudo-field `graphs`)."""
     name, _, opts = spec.partition(":")
     types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
+    types["rescue_rtol"] = float  # optional: "none" turns the rescue off
     changes: dict[str, object] = {}
     graphs = False
     for item in filter(None, opts.split(",")):
@@ -136,7 +138,12 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
         if key not in types:
             raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
         kind = types[key]
-        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if value.lower() == "none":
+            changes[key] = None
+        elif kind is bool:
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = kind(value)
     return name, dataclasses.replace(base, **changes), graphs
 
 
@@ -148,6 +155,13 @@ def action_shares(res: SolveResult) -> str:
     a = torch.stack(acts)
     names = ((SKIP, "skip"), (CHORD, "chord"), (FRESH, "fresh"), (CHORD_THEN_FRESH, "chord+fresh"))
     return " ".join(f"{n} {100 * float((a == code).float().mean()):.0f}%" for code, n in names)
+
+
+def rescued(res: SolveResult) -> str:
+    """How many targets each rescue round surfed again (surf's rescue, see surfing.solvers)."""
+    per_pass = sum(t.moved is None for t in res.trace)
+    rounds = [t.moved for t in res.trace if t.moved is not None and t.stage % per_pass == 0]
+    return " ".join(f"rescue{r + 1} {int(m.sum())}" for r, m in enumerate(rounds))
 
 
 def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None) -> float:
@@ -247,7 +261,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             rows.append((row, per_fwd * 2 * res.evals))
             print(
                 f"  {name}: {dt:.1f}s success {ok(res):.3f} evals {res.evals} probe {pr:.2f}s "
-                f"{action_shares(res)}",
+                f"{action_shares(res)} {rescued(res)}",
                 flush=True,
             )
 

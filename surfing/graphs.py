@@ -166,9 +166,9 @@ class GraphedLMStage(_Replayed):
 
     def _body(self) -> None:
         with torch.no_grad():
-            r = residual(self.G, self.x, self.b, self.A)
+            out, J = jacobian(self.G, self.x, self.A)  # r from its primal, as in LM
+            r = out - self.b
             f = 0.5 * r.pow(2).sum(1)
-            _, J = jacobian(self.G, self.x, self.A)
             J = J.contiguous()  # as levenberg_marquardt's stored copy: JᵀJ rounds the same
             active = f >= self.ftol  # levenberg_marquardt leaves converged targets alone
             searching = active.clone()
@@ -193,8 +193,8 @@ class GraphedLMStage(_Replayed):
         self, G: nn.Module, x0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stage on G from x0: (x, objective, evals per target), costed as
-        levenberg_marquardt costs it (a converged target pays only its first forward pass)."""
+        levenberg_marquardt costs it (the Jacobian with its primal pass, then the trials)."""
         self._run(G, x0, 1)
         k = self.x.shape[1]
-        forwards = 1 + torch.where(self.active, (1 + k) + self.tried, 0.0)
+        forwards = (1 + k) + torch.where(self.active, self.tried, 0.0)
         return self.x_out.clone(), self.f_out.clone(), (forwards / 2).cpu()

@@ -115,7 +115,6 @@ def levenberg_marquardt(
     xtol: float = 1e-6,
     ftol: float = 1e-12,
     lam: float = 1e-3,
-    r0: torch.Tensor | None = None,
     max_accepts: int | None = None,
 ) -> LMResult:
     """Minimise 1/2||A G(x) - b||^2 per target by damped Gauss–Newton from x.
@@ -127,9 +126,7 @@ def levenberg_marquardt(
     surfing stage takes a single accepted step, retrying a rejected one with more damping on
     the same Jacobian. Cost is reported in forward+backward equivalents (a forward pass
     counts 1/2): a Jacobian is one primal plus k tangent passes, (1 + k)/2; a trial point 1/2.
-    `r0`, if given, is the residual at x that the caller already computed (its forward pass is
-    then the caller's to count): the stride schedule evaluates every target anyway to decide
-    whether it needs a step, and passing the residual on keeps that decision free.
+    The residual at the start comes from the first Jacobian's primal pass.
     """
     B, k = x.shape
     x = x.detach().clone()
@@ -137,16 +134,22 @@ def levenberg_marquardt(
     iters = torch.zeros(B, dtype=torch.long)
     forwards = torch.zeros(B, dtype=x.dtype)
     active = torch.ones(B, dtype=torch.bool, device=x.device)
-    J: torch.Tensor | None = None  # Jacobian of the rows in `need`, kept across rejections
-    if r0 is None:
+    stale = torch.ones(B, dtype=torch.bool, device=x.device)  # Jacobian must be recomputed
+    if max_iters > 0:
+        # Every target needs a Jacobian at x, whose primal pass is G(x): the residual comes
+        # from it instead of a separate forward pass (1 of the k + 3 passes of a 1-step stage).
+        with torch.no_grad():
+            out, J = jacobian(G, x, A)
+        r, Jall = out - b, J.contiguous()
+        stale[:] = False
+        iters += 1
+        forwards += 1 + k
+    else:
         with torch.no_grad():
             r = residual(G, x, b, A)
         forwards += 1
-    else:
-        r = r0.detach().clone()
+        Jall = torch.zeros(B, r.shape[1], k, dtype=x.dtype, device=x.device)
     f = 0.5 * r.pow(2).sum(1)
-    Jall = torch.zeros(B, r.shape[1], k, dtype=x.dtype, device=x.device)
-    stale = torch.ones(B, dtype=torch.bool, device=x.device)  # Jacobian must be recomputed
     active &= f >= ftol
     accepts = torch.zeros(B, dtype=torch.long, device=x.device)
     for _ in range(max_iters):
@@ -222,8 +225,8 @@ def track_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrackState, torch.Tensor]:
     """One checkpoint of the stride schedule: per target, skip, a chord step, or an LM step.
 
-    Every target pays one forward pass on the new network (residual r). With its stored
-    Jacobian J it predicts the Gauss–Newton step δ = -(JᵀJ + λD)⁻¹Jᵀr, i.e. how far the stage
+    A target with a stored Jacobian J pays one forward pass on the new network (residual r)
+    and with J predicts the Gauss–Newton step δ = -(JᵀJ + λD)⁻¹Jᵀr, i.e. how far the stage
     optimum now lies from its latent:
 
     - ‖δ‖ < `skip_xtol`: the optimum barely moved across this checkpoint -- the target skips it
@@ -236,7 +239,9 @@ def track_step(
       it just observed (rank one, free). The age cap matters: iterating with a fixed J
       converges to where Jᵀr = 0, which is not the stage optimum while the network moves.
     - else (no stored J, too old, or the chord step failed): one Levenberg–Marquardt iteration
-      with a fresh Jacobian ((1 + k)/2 + 1/2), as the plain "lm" schedule does.
+      with a fresh Jacobian ((1 + k)/2 + 1/2), as the plain "lm" schedule does. A target with
+      no stored J (or with skipping and chords both off) goes straight here: the Jacobian's
+      primal pass gives its residual.
 
     With `skip_xtol` = 0 and `max_age` = 0 this is exactly one `levenberg_marquardt` iteration
     on every target. All decisions are per target, so a target's path does not depend on its
@@ -245,17 +250,21 @@ def track_step(
     """
     B, k = x.shape
     x = x.detach().clone()
-    with torch.no_grad():
-        r = residual(G, x, b, A)
-    f = 0.5 * r.pow(2).sum(1)
-    cost = torch.full((B,), 0.5, dtype=torch.float64)
-    action = torch.full((B,), FRESH, dtype=torch.int8)
     if state is None:
-        state = TrackState.empty(B, r.shape[1], k, x)
+        state = TrackState.empty(B, b.shape[1], k, x)
+    f = torch.full((B,), float("nan"), dtype=x.dtype, device=x.device)
+    cost = torch.zeros(B, dtype=torch.float64)
+    action = torch.full((B,), FRESH, dtype=torch.int8)
     need = torch.ones(B, dtype=torch.bool, device=x.device)
-    idx = state.has.nonzero().squeeze(1)
-    if idx.numel() and (skip_xtol > 0 or max_age > 0):
-        step, pred = gauss_newton_step(state.jacobian[idx], r[idx], lam)
+    probing = skip_xtol > 0 or max_age > 0
+    idx = state.has.nonzero().squeeze(1) if probing else state.has.new_zeros(0, dtype=torch.long)
+    if idx.numel():
+        with torch.no_grad():
+            r = residual(G, x[idx], b[idx], A)  # the probe: one forward pass on the new network
+        cost[idx.cpu()] += 0.5
+        f_idx = 0.5 * r.pow(2).sum(1)
+        f[idx] = f_idx
+        step, pred = gauss_newton_step(state.jacobian[idx], r, lam)
         skip = step.norm(dim=1) < skip_xtol
         need[idx[skip]] = False
         action[idx[skip].cpu()] = SKIP
@@ -268,23 +277,21 @@ def track_step(
                 r_try = residual(G, x_try, b[ci], A)
             cost[ci.cpu()] += 0.5
             f_try = 0.5 * r_try.pow(2).sum(1)
-            ok = f_try < f[ci] - eta * pred[chord]
+            ok = f_try < f_idx[chord] - eta * pred[chord]
             acc = ci[ok]
             if broyden and acc.numel():
                 Ja, da = state.jacobian[acc], d[ok]
-                miss = (r_try[ok] - r[acc]) - (Ja @ da.unsqueeze(2)).squeeze(2)
+                miss = (r_try[ok] - r[chord][ok]) - (Ja @ da.unsqueeze(2)).squeeze(2)
                 upd = miss.unsqueeze(2) * (da / da.pow(2).sum(1, keepdim=True)).unsqueeze(1)
                 state.jacobian[acc] = Ja + upd
-            x[acc], r[acc], f[acc] = x_try[ok], r_try[ok], f_try[ok]
+            x[acc], f[acc] = x_try[ok], f_try[ok]
             state.age[acc] += 1
             need[acc] = False
             action[acc.cpu()] = CHORD
             action[ci[~ok].cpu()] = CHORD_THEN_FRESH
     fresh = need.nonzero().squeeze(1)
     if fresh.numel():
-        res = levenberg_marquardt(
-            G, x[fresh], b[fresh], A, max_iters=1, xtol=xtol, lam=lam, r0=r[fresh]
-        )
+        res = levenberg_marquardt(G, x[fresh], b[fresh], A, max_iters=1, xtol=xtol, lam=lam)
         x[fresh], f[fresh] = res.x, res.objective
         cost[fresh.cpu()] += res.evals.double().cpu()
         got = (res.iters > 0).to(fresh.device)

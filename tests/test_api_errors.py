@@ -282,6 +282,8 @@ def test_measurement_matrix_endpoint(client: TestClient) -> None:
         ({"colour": "red"}, "colour"),
         ({"schedule": "fast"}, "schedule"),
         ({"method": "adam", "schedule": "lm"}, "schedule applies to method 'surf' only"),
+        ({"method": "adam", "rescue": False}, "rescue applies to method 'surf' only"),
+        ({"rescue": "maybe"}, "rescue"),
         ({"x_init": [0.1, 0.2, 0.3]}, "latent dimension is k = 2"),
         ({"x_init": "zeros"}, "x_init"),
     ],

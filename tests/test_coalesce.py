@@ -82,7 +82,7 @@ def test_only_jobs_with_the_same_answer_path_share_a_pass(env: dict[str, Any]) -
     assert key(env, cs_job(env, 3)) != key(env, cs_job(env, 4))  # another matrix
 
 
-@pytest.mark.parametrize("schedule", ["paper", "lm"])
+@pytest.mark.parametrize("schedule", ["paper", "lm", "auto"])
 def test_a_pass_gives_every_job_its_solo_result(env: dict[str, Any], schedule: str) -> None:
     opts = {"schedule": schedule, "steps": 3, "final_steps": 6}
     values = [0.2, 0.5, 0.8]
@@ -181,3 +181,22 @@ def test_the_cuda_graphs_setting_reaches_the_solver_and_changes_no_result(
     (job_a, a), (job_b, b) = outcome(env, plain), outcome(env, graphed)
     assert job_a.status == job_b.status == "succeeded" and a is not None and b is not None
     assert a.latent == b.latent and a.evals == b.evals
+
+
+def test_a_rescue_pass_adds_stages_and_can_be_turned_off(env: dict[str, Any]) -> None:
+    """A constant image is off the tiny model's range, so the default rescues it: the job's
+    progress and trace count the second pass; rescue=false runs one pass."""
+    opts = {"schedule": "lm", "steps": 3, "final_steps": 6}
+    on = invert_job(env, 0.2, seed=1, **opts)
+    off = invert_job(env, 0.2, seed=1, rescue=False, **opts)
+    assert key(env, on) != key(env, off)  # different answer paths never share a pass
+    alone = env["settings"].model_copy(update={"coalesce_max_targets": 0})
+    for jid in (on, off):
+        wj.run_job(jid, alone)
+    (job_on, res_on), (job_off, res_off) = outcome(env, on), outcome(env, off)
+    assert res_on is not None and res_off is not None
+    n = len(res_off.trace)
+    assert n == job_off.stage == job_off.stages == 4  # the tiny trajectory's checkpoints
+    assert len(res_on.trace) == job_on.stage == job_on.stages == 2 * n
+    assert res_on.evals > res_off.evals
+    assert res_on.objective[0] <= res_off.objective[0]

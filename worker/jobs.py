@@ -44,6 +44,7 @@ from models_store import StoreError
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
     SolveResult,
+    StageRule,
     StageTrace,
     direct,
     direct_restarts,
@@ -268,6 +269,8 @@ class Tracker:
         """surfing's per-stage callback."""
         self.check()
         self.completed = info.stage + 1
+        if info.total is not None and info.total > self.stages:  # a rescue pass adds stages
+            self.stages = info.total
         self.objective = info.objective.detach().double().cpu()
         self.maybe_write()
 
@@ -504,6 +507,7 @@ def _solve(
     if job.method in ("surf", "hybrid"):
         stages = _Hooked(generators(store, model_id, stride=stride, device=device), tracker)
         if job.method == "surf":
+            rule = StageRule(rescue_rtol=None) if params.get("rescue") is False else None
             return surf(
                 stages,
                 b,
@@ -511,6 +515,7 @@ def _solve(
                 A,
                 progress=tracker.on_stage,
                 graphs=graphs,
+                rule=rule,
                 **_opts(params, "steps", "final_steps", "schedule"),
                 **lr_tol,
             )
@@ -609,7 +614,12 @@ def _execute(
             continue
         try:
             _finish(
-                sessions, member.job_id, member.attempt, job.stages_total, job.started_at[i], result
+                sessions,
+                member.job_id,
+                member.attempt,
+                max(job.stages_total, len(part.trace)),  # with this job's rescue stages
+                job.started_at[i],
+                result,
             )
             written.append(member.job_id)
         except JobAborted as e:  # this one was canceled at the last moment; the rest stand
@@ -661,6 +671,7 @@ def _finish(
                 heartbeat_at=now,
                 progress_at=now,
                 stage=stages_total,
+                stages=stages_total,
                 objective=sum(mean) / len(mean) if mean else None,
                 run_seconds=(now - started_at).total_seconds() if started_at else None,
                 error=None,

@@ -103,7 +103,9 @@ def surf_with_bar(
     """Algorithm 3.1 with a progress bar over its stages (surfing is the slow part)."""
     bar = tqdm(total=len(stages), desc=desc, leave=False, disable=args.no_progress)
 
-    def tick(_: StageTrace) -> None:
+    def tick(info: StageTrace) -> None:
+        if info.total is not None and info.total > bar.total:  # a rescue pass started
+            bar.total = info.total
         bar.update(1)
 
     try:
