@@ -409,10 +409,10 @@ def surf(
     Rescue (every schedule but "paper"; StageRule.rescue_rtol / rescue_rounds): a target whose
     final latent does not reproduce its target (see `not_fitted`) surfs the trajectory again
     from a fresh start (`restart_latents`) and keeps the rescue's result if its objective is
-    lower by more than RESCUE_MARGIN. Only those targets
-    take the extra pass, so when every target is fitted it costs nothing. It needs a stream
-    that can be iterated again (a list, surfing.trajectory.Generators); a one-shot iterator
-    gets no rescue. Rescue stages are reported with `moved` set to the targets they work on.
+    lower by more than RESCUE_MARGIN. Only those targets take the extra pass, so when every
+    target is fitted it costs nothing. It needs a stream that can be iterated again (a list,
+    surfing.trajectory.Generators); a one-shot iterator gets no rescue. Rescue stages are
+    reported as stages T, T + 1, ... (of 2T), with `moved` set to the targets they work on.
 
     `graphs` (schedules "paper" and "lm"): run the paper's Adam steps, or "lm"'s one-iteration
     intermediate stages, through one runner of surfing.graphs, captured once as a CUDA graph on
@@ -455,7 +455,7 @@ def surf(
         # "clearly lower": two runs that end in the same flat minimum differ by float noise,
         # and a bare < would then pick by batch-size rounding (coalesced != solo result)
         better = f_r < (1 - RESCUE_MARGIN) * f[idx].nan_to_num(nan=float("inf"))
-        x, f = x.clone(), f.clone()
+        x, f = x.clone(), f.clone()  # the trace may hold these very tensors (CPU .cpu())
         x[idx[better]], f[idx[better]] = x_r[better], f_r[better]
         cost[idx.cpu()] += c_r
     return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost)
