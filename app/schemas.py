@@ -167,6 +167,9 @@ class StageTraceOut(BaseModel):
     steps_used: int
     objective_mean: float
     x_norm_mean: float
+    rescued: int | None = Field(
+        None, description="Rescue stages only: how many of the job's targets this pass re-surfs."
+    )
 
 
 class JobResultOut(BaseModel):

@@ -58,6 +58,7 @@ class StageTrace:
             "steps_used": self.steps_used,
             "objective_mean": self.objective_mean,
             "x_norm_mean": float(self.x_norm.mean()),
+            "rescued": int(self.moved.sum()) if self.moved is not None else None,
         }
 
 

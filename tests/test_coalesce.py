@@ -198,5 +198,6 @@ def test_a_rescue_pass_adds_stages_and_can_be_turned_off(env: dict[str, Any]) ->
     n = len(res_off.trace)
     assert n == job_off.stage == job_off.stages == 4  # the tiny trajectory's checkpoints
     assert len(res_on.trace) == job_on.stage == job_on.stages == 2 * n
+    assert [t.get("rescued") for t in res_on.trace] == [None] * n + [1] * n
     assert res_on.evals > res_off.evals
     assert res_on.objective[0] <= res_off.objective[0]

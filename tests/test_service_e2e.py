@@ -221,6 +221,24 @@ def _png(image: np.ndarray) -> bytes:
 # ---- the flows -------------------------------------------------------------------------------
 
 
+def test_an_off_range_image_is_rescued_unless_the_client_says_no(service: Service) -> None:
+    """A constant image is off the tiny model's range: surf re-surfs it from a fresh start,
+    which shows in the trace and the progress; rescue=false keeps one pass."""
+    flat = np.full((1, 28, 28), 0.5).tolist()
+    done = {}
+    for rescue in (None, False):
+        extra = {} if rescue is None else {"rescue": rescue}
+        job_id = service.submit("/invert", json={"model_id": "tiny", "image": flat, **extra})
+        done[rescue] = service.wait(job_id)
+        assert done[rescue]["status"] == "succeeded", done[rescue]
+    rescued, plain = done[None], done[False]
+    assert [t.get("rescued") for t in rescued["result"]["trace"]] == [None] * 4 + [1] * 4
+    assert rescued["progress"]["stage"] == rescued["progress"]["stages"] == 8
+    assert [t.get("rescued") for t in plain["result"]["trace"]] == [None] * 4
+    assert plain["progress"]["stage"] == plain["progress"]["stages"] == 4
+    assert rescued["result"]["objective"][0] <= plain["result"]["objective"][0]
+
+
 def test_invert_json_recovers_the_latent(service: Service) -> None:
     y = _target(service)
     job_id = service.submit("/invert", json={"model_id": "tiny", "image": y[0].tolist(), **FAST})
