@@ -6,7 +6,9 @@ so every target follows exactly the path it would follow alone (generators are i
 - `surf`: Algorithm 3.1, Adam on f_0, f_1, ..., f_T, each stage warm-started from the last
   (or, in the faster schedules, per-target masked Adam / Levenberg–Marquardt stages whose
   stopping, skipping and Jacobian reuse are decided per target from that target's own values,
-  so coalescing targets from different jobs into one batch changes no target's path).
+  so coalescing targets from different jobs into one batch changes no target's path). The
+  faster schedules end with a rescue pass: a target its pass did not fit surfs again from a
+  fresh start drawn from its own x_init, which keeps that property.
 - `direct`: Adam on the final network only (the paper's baseline).
 - `direct_restarts`: `direct` from R random starts, lowest objective kept per target.
 - `hybrid`: surf plus restarts on the final network, lowest objective kept per target.
