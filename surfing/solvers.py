@@ -161,7 +161,7 @@ DEFAULT_SCHEDULE = "auto"
 def resolve_schedule(schedule: str, A: torch.Tensor | None, latent_dim: int | None = None) -> str:
     """ "auto" follows the measurements (docs/performance.md, docs/results.md Fig 4):
     "lm-stride" with its rescue pass, the fastest schedule that held the paper's success rate
-    (A = I and m = 50, k = 10; 16-25 % fewer evaluations than "lm" with its rescue, and 99.7 /
+    (A = I and m = 50, k = 10; 12-25 % fewer evaluations than "lm" with its rescue, and 99.7 /
     97.4 % success against the paper schedule's 92 / 86.8 % on 300 / 500 trials), except with
     few measurements, m <= 2k. There Gauss–Newton fits the m numbers of an off-range image
     exactly and lands far from the image: on 40 held-out test images (k = 10, m = 10 / 20) the
