@@ -142,7 +142,11 @@ def adam_descent(
 
 
 def _with_last(stages: Iterable[Stage]) -> Iterator[tuple[Stage, bool]]:
-    """Yield (stage, is_last) with one element of look-ahead (the stream has no length)."""
+    """Yield (stage, is_last) with one element of look-ahead (the stream has no length).
+
+    The look-ahead takes the next stage before this one runs, so a stream must give every stage
+    its own network (surfing.trajectory.Generators does); one that reloaded a shared module in
+    place would run each stage on the next checkpoint."""
     it = iter(stages)
     try:
         prev = next(it)
@@ -216,6 +220,14 @@ class StageRule:
     # above 7e-3 (docs/performance.md); 1e-4 leaves room for float32/TF32 rounding.
     rescue_rtol: float | None = 1e-4
     rescue_rounds: int = 1
+    # The first `head_stages` stages of every schedule but "paper" are the paper's Adam stage
+    # (`head_steps` Adam steps, default the call's `steps`, at its `lr`) instead of the
+    # schedule's own step. On θ_0, the random initialisation, the surface is nearly flat and
+    # the target far from the range, so a Gauss–Newton step is huge (||x|| ~ 1e3) and the
+    # latent never comes back; a few Adam steps move it at most `lr` per coordinate per step.
+    # Measured in docs/performance.md, section "The stream fix and the first stage".
+    head_stages: int = 1
+    head_steps: int | None = None
 
 
 def adam_stage(
@@ -341,10 +353,13 @@ def _surf_pass(
     lm_runner: GraphedLMStage | None = None
     for t, ((index, step, G), last) in enumerate(_with_last(stages)):
         action = None
-        if schedule == "paper":
+        head = schedule != "paper" and not last and t < rule.head_stages
+        if schedule == "paper" or head:
             if opts.graphs and runner is None and tol is None:  # tol's test needs the host
                 runner = GraphedAdam(G, b, A, lr, x.shape[1])
             n_steps = opts.final_steps if last else steps
+            if head and rule.head_steps is not None:
+                n_steps = rule.head_steps
             x, f, used = adam_descent(G, x, b, A, n_steps, lr, tol, runner)
             cost += used
             steps_used = used

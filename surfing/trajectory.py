@@ -29,11 +29,25 @@ def frozen(G: nn.Module) -> nn.Module:
     return G.eval()
 
 
+def checkpoint_generator(arch: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A frozen generator holding exactly `tensors`: built on the meta device (no memory, no
+    random init) and then given the checkpoint's tensors, so making one costs no copy."""
+    with torch.device("meta"):
+        G = frozen(build_generator(arch))
+    load_into(G, tensors)
+    left = [n for n, t in [*G.named_parameters(), *G.named_buffers()] if t.is_meta]
+    if left:  # a tensor the checkpoint does not store (a non-persistent buffer)
+        raise ValueError(f"checkpoint leaves {left[0]!r} of {arch.get('kind')!r} unset")
+    return G
+
+
 class Generators:
     """Iterable of (index, step, G) over a trajectory with a known length.
 
-    One module is built and its weights replaced per checkpoint, so memory stays at one
-    network plus the store's one-checkpoint prefetch.
+    Every checkpoint gets its own module, holding that checkpoint's tensors and nothing else:
+    a consumer may read ahead (the solver looks one stage ahead to know which one is last)
+    and each G it holds still is the network of its own index. Memory stays at the networks
+    the consumer holds plus the store's prefetch.
     """
 
     def __init__(
@@ -61,7 +75,6 @@ class Generators:
         return {name: t.to(self.device) for name, t in tensors.items()}
 
     def __iter__(self) -> Iterator[tuple[int, int, nn.Module]]:
-        G = frozen(build_generator(self.manifest.arch).to(self.device))
         stream = self.store.checkpoints(
             self.model_id,
             stride=self.stride,
@@ -69,7 +82,7 @@ class Generators:
             readers=self.readers,
         )
         for ckpt in stream:
-            yield ckpt.index, ckpt.step, load_into(G, ckpt.tensors)
+            yield ckpt.index, ckpt.step, checkpoint_generator(self.manifest.arch, ckpt.tensors)
 
 
 def generators(
@@ -83,6 +96,5 @@ def final_generator(
 ) -> nn.Module:
     """G_T, the last recorded network of the trajectory."""
     manifest = store.manifest(model_id)
-    G = frozen(build_generator(manifest.arch).to(device))
     tensors = store.load(model_id, len(manifest.checkpoints) - 1)
-    return load_into(G, {k: v.to(device) for k, v in tensors.items()})
+    return checkpoint_generator(manifest.arch, {k: v.to(device) for k, v in tensors.items()})

@@ -77,8 +77,25 @@ def make_tiny_trajectory(
                 else final[name]
                 for name in start
             }
-            writer.add(i * 10, tensors)
+            writer.add(i * 10, tag_checkpoint(tensors, i))
     return store
+
+
+def tag_checkpoint(tensors: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Write i into every batch-norm `num_batches_tracked`: an eval-mode network never reads
+    it, so G's output is unchanged, and a test can see which checkpoint a module holds."""
+    return {
+        name: torch.tensor(i, dtype=t.dtype) if name.endswith("num_batches_tracked") else t
+        for name, t in tensors.items()
+    }
+
+
+def checkpoint_tag(G: torch.nn.Module) -> int:
+    """The index `tag_checkpoint` wrote into G's weights (-1 if G has no batch norm)."""
+    for name, t in G.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            return int(t)
+    return -1
 
 
 def tiny_target(store: ModelStore, model_id: str, x_star: torch.Tensor) -> torch.Tensor:

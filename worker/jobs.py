@@ -333,7 +333,8 @@ def _is_transformed(t: torch.Tensor) -> bool:
 
 
 class _Hooked:
-    """Stage stream that puts the tracker's forward hook on the (single, reused) generator."""
+    """Stage stream that puts the tracker's forward hook on each stage's generator (once: a
+    stream may hand the same module out again)."""
 
     def __init__(self, stages: Any, tracker: Tracker) -> None:
         self.stages, self.tracker = stages, tracker
@@ -342,11 +343,10 @@ class _Hooked:
         return len(self.stages)
 
     def __iter__(self) -> Any:
-        hooked: set[int] = set()
+        hook = self.tracker.on_forward
         for index, step, G in self.stages:
-            if id(G) not in hooked:
-                G.register_forward_hook(self.tracker.on_forward)
-                hooked.add(id(G))
+            if hook not in G._forward_hooks.values():
+                G.register_forward_hook(hook)
             yield index, step, G
 
 

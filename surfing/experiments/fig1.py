@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         y = G_T(x_star).flatten(1)
     adam = direct(G_T, y, x_init, steps=args.direct_steps, lr=args.lr)
 
-    # The stream reuses one module, so each stage's surface is taken while it is current.
+    # One stage at a time: each stage's surface is taken from the network it was surfed on.
     stream = generators(store, args.model, args.stride, device)
     n = len(stream)
     show = {0: "theta_0", n // 2: "middle", n - 1: "theta_T"}

@@ -103,6 +103,7 @@ def kept_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     with trials.open() as f:
         trial_rows = [r for r in csv.DictReader(f) if r["model"] not in args.models]
     for r in rows:
+        r.setdefault("stream", "before fix")  # rows written before the column existed
         r["k"] = int(r["k"])
         r["trials"] = int(r["trials"])
         for key in r:
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "surf median dist": float(d["surf"].median()),
                 "adam dist > 0.5 %": 100.0 * float((d["adam"] > 0.5).float().mean()),
                 "surf dist > 0.5 %": 100.0 * float((d["surf"] > 0.5).float().mean()),
+                "stream": "fixed",
             }
         )
         trial_rows += [
@@ -192,7 +194,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     keys = ["models", "trials", *COMMON_KEYS]
     earlier = (
         f" Rows of {', '.join(kept)} are kept from earlier runs (`--merge`: their flags are "
-        "not recorded here; trial counts below)."
+        "not recorded here; trial counts below). `stream` = `before fix`: solved before "
+        "issue 12's stream fix, when each stage ran on the next checkpoint (θ_0 never used, "
+        "θ_T twice); superseded, kept until those trajectories are retrained and re-run."
         if kept
         else ""
     )
