@@ -193,10 +193,10 @@ class TrackState:
     """What the stride schedule remembers per target from one checkpoint to the next.
 
     The stage stream is one-pass (an earlier network is gone once the next one arrives), so
-    nothing about an earlier network can be re-evaluated; what is kept instead is each target's last Jacobian
-    (computed at an earlier latent on an earlier network) and how many chord steps it has
-    served since. That is enough to estimate, from one forward pass on the new network, how far
-    the stage optimum has moved away from the target's latent.
+    nothing about an earlier network can be re-evaluated; what is kept instead is each
+    target's last Jacobian (computed at an earlier latent on an earlier network) and how many
+    chord steps it has served since. That is enough to estimate, from one forward pass on the
+    new network, how far the stage optimum has moved away from the target's latent.
     """
 
     jacobian: torch.Tensor  # (B, m, k)
