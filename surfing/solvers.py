@@ -164,13 +164,13 @@ DEFAULT_SCHEDULE = "auto"
 
 def resolve_schedule(schedule: str, A: torch.Tensor | None, latent_dim: int | None = None) -> str:
     """ "auto" follows the measurements (docs/performance.md, docs/results.md Fig 4):
-    "lm-stride" with its rescue pass, the fastest schedule that held the paper's success rate
-    (A = I and m = 50, k = 10; 12-25 % fewer evaluations than "lm" with its rescue, and 99.7 /
-    97.4 % success against the paper schedule's 92 / 86.8 % on 300 / 500 trials), except with
-    few measurements, m <= 2k. There Gauss–Newton fits the m numbers of an off-range image
-    exactly and lands far from the image: on 40 held-out test images (k = 10, m = 10 / 20) the
-    median pixel error was 0.20 / 0.15 with "lm" against 0.061 / 0.028 with "paper" (Adam:
-    0.14 / 0.06), so "auto" uses "paper" there. Callers that want a fixed method name it."""
+    "lm-stride" with its rescue pass and an Adam stage on θ_0 (StageRule.head_stages), the
+    fastest schedule that held the paper's success rate (dcgan-k10/k20, vae-k10, wgan-gp-k10,
+    200 trials each at A = I and m = 50: never below the paper schedule), except with few
+    measurements, m <= 2k. There Gauss–Newton fits the m numbers of an off-range image exactly
+    and lands far from it (Fig 4: median pixel error 0.20 / 0.15 with "lm" against 0.061 /
+    0.028 with "paper" at m = 10 / 20, before the stream fix), so "auto" uses "paper" there.
+    Callers that want a fixed method name it."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule != "auto":

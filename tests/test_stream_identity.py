@@ -99,6 +99,17 @@ def test_the_stream_hands_each_checkpoint_its_own_weights(store: ModelStore) -> 
     assert checkpoint_tag(final_generator(store, "tagged")) == N_CKPT - 1
 
 
+def test_a_warm_cache_serves_each_checkpoint_its_own_weights(store: ModelStore) -> None:
+    """The worker's WarmStore: the first pass fills the cache, the second is served from it."""
+    from worker.cache import WarmStore
+
+    warm = WarmStore(store.root, 64 * 1024 * 1024, "cpu")
+    for expected_hits in (0, N_CKPT):
+        held = list(generators(warm, "tagged"))
+        assert [checkpoint_tag(G) for _, _, G in held] == list(range(N_CKPT))
+        assert warm.hits == expected_hits
+
+
 @pytest.mark.parametrize("m", [None, 40])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("schedule", SCHEDULES)

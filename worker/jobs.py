@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,10 +344,11 @@ class _Hooked:
         return len(self.stages)
 
     def __iter__(self) -> Any:
-        hook = self.tracker.on_forward
+        hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # ids get reused
         for index, step, G in self.stages:
-            if hook not in G._forward_hooks.values():
-                G.register_forward_hook(hook)
+            if G not in hooked:
+                G.register_forward_hook(self.tracker.on_forward)
+                hooked.add(G)
             yield index, step, G
 
 
