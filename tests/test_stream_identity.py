@@ -168,7 +168,7 @@ def test_a_rescue_pass_surfs_the_same_checkpoints_again(
     rescues = [(info, p) for info, p in evaluations.stages if info.moved is not None]
     assert len(rescues) >= N_CKPT and len(res.trace) == len(evaluations.stages)
     for info, passes in rescues:  # a rescue pass evaluates only the targets it re-surfs
-        assert max(rows for _, rows in passes) == int(info.moved.sum()) < 3
+        assert max(rows for _, rows in passes) == int(info.moved.sum())
 
 
 @pytest.mark.parametrize("schedule", ["paper", "lm"])
