@@ -76,6 +76,8 @@ class Manifest:
     checkpoints: list[CheckpointInfo]
     # How checkpoint tensors are stored; decode_checkpoint() turns them back into weights.
     encoding: str = field(default="fp32")
+    # Where starts and restarts are drawn: "uniform" on [-1, 1]^k (the paper) or "normal".
+    latent_prior: str = field(default="uniform")
 
     @property
     def n_pixels(self) -> int:
@@ -125,7 +127,20 @@ class Manifest:
             complete=_get(d, "complete", bool),
             checkpoints=[CheckpointInfo.from_dict(c) for c in _get(d, "checkpoints", list)],
             encoding=_get(d, "encoding", str) if "encoding" in d else "fp32",
+            latent_prior=_latent_prior(d),
         )
+
+
+LATENT_PRIORS = ("uniform", "normal")
+
+
+def _latent_prior(d: dict[str, Any]) -> str:
+    prior = _get(d, "latent_prior", str) if "latent_prior" in d else "uniform"
+    if prior not in LATENT_PRIORS:
+        raise MalformedManifest(
+            f"latent_prior must be one of {', '.join(LATENT_PRIORS)}, got {prior!r}"
+        )
+    return prior
 
 
 def _is_int(v: object) -> bool:

@@ -203,6 +203,7 @@ class ModelStore:
         encoding: str = "fp32",
         overwrite: bool = False,
         encoder: Encoder | None = None,
+        latent_prior: str = "uniform",
     ) -> TrajectoryWriter:
         """Start a new trajectory; the folder appears (with an empty manifest) in one rename.
 
@@ -230,6 +231,7 @@ class ModelStore:
             "complete": False,
             "checkpoints": [],
             "encoding": encoding,
+            "latent_prior": latent_prior,
         }
         try:
             manifest = Manifest.from_dict(json.loads(json.dumps(d, allow_nan=False)))

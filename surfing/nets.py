@@ -4,7 +4,6 @@ encoder, and the expansive ReLU network of the paper's theory section."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -121,16 +120,6 @@ class ExpansiveReLUNet(nn.Module):
         for layer in self.layers:
             x = torch.relu(layer(x))
         return self.V(x)
-
-
-def build_generator(arch: dict[str, Any]) -> nn.Module:
-    """Generator from the `arch` dict stored in a trajectory manifest."""
-    kind = arch.get("kind")
-    if kind == "infogan":
-        return InfoGANGenerator(int(arch["latent_dim"]), float(arch.get("width", 1.0)))
-    if kind == "relu":
-        return ExpansiveReLUNet(int(arch["latent_dim"]), list(arch["hidden"]), int(arch["out_dim"]))
-    raise ValueError(f"unknown generator kind {kind!r} (expected 'infogan' or 'relu')")
 
 
 def count_parameters(module: nn.Module) -> int:

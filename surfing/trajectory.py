@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models_store import Manifest, ModelStore
-from surfing.nets import build_generator
+from surfing.architectures import build_generator
 
 
 def load_into(G: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

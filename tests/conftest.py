@@ -43,7 +43,7 @@ def make_tiny_trajectory(
     a larger spread so that G_T depends visibly on the latent. That is a smooth path from a
     nearly flat surface to a wavy one, like a real training run, in milliseconds.
     """
-    from surfing.nets import build_generator
+    from surfing.architectures import build_generator
 
     arch = {**TINY_ARCH, "latent_dim": k}
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models_store import ModelStore
-from surfing.nets import build_generator
+from surfing.architectures import build_generator
 
 RELU_ARCH = {"kind": "relu", "latent_dim": 2, "hidden": [20, 60], "out_dim": 100}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from surfing.architectures import build_generator
 from surfing.graphs import GraphedAdam, GraphedLMStage
 from surfing.lm import levenberg_marquardt
 from surfing.measure import gaussian_matrix
-from surfing.nets import build_generator
 from surfing.solvers import StageRule, direct, surf, uniform_latents
 from surfing.trajectory import final_generator, frozen, generators
 from tests.helpers import interpolated_trajectory

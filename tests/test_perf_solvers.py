@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from surfing.architectures import build_generator
 from surfing.lm import (
     CHORD,
     CHORD_THEN_FRESH,
@@ -18,7 +19,6 @@ from surfing.lm import (
     track_step,
 )
 from surfing.measure import gaussian_matrix
-from surfing.nets import build_generator
 from surfing.solvers import (
     StageRule,
     adam_descent,

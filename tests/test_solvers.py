@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from surfing.architectures import build_generator
 from surfing.measure import gaussian_matrix, measure
-from surfing.nets import build_generator
 from surfing.solvers import (
     StageRule,
     direct,
