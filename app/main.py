@@ -24,6 +24,7 @@ from app.middleware import BodySizeLimit, RequestMetrics
 from app.problems import install_handlers
 from app.queue import make_queue
 from app.schemas import CSRecoverRequest, InvertRequest
+from app.services.model_admin import UPLOAD_ROUTES, sweep_stale_uploads
 from app.services.reaper import PeriodicReaper, reap_stale_jobs, requeue_orphans
 from app.settings import Settings, get_settings
 from models_store import ModelStore
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.should_migrate:
             await run_in_threadpool(upgrade_database, settings.sqlalchemy_url)
         queue.start()
+        await run_in_threadpool(sweep_stale_uploads, app.state.store.root)
         if settings.embedded:
             # Nothing of a previous process can still be running: settle its jobs now.
             await run_in_threadpool(reap_stale_jobs, sessions, queue, settings, assume_dead=True)
@@ -119,7 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # add_middleware wraps what is there: RequestMetrics (added last) is outermost, so it also
     # counts the 413s that BodySizeLimit answers without reaching the app.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # POST /models streams a model archive to disk under its own, larger cap.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, exempt=UPLOAD_ROUTES)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app
 

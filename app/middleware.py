@@ -20,11 +20,18 @@ class _BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """413 problem for request bodies over `max_bytes` (Content-Length or streamed count)."""
+    """413 problem for request bodies over `max_bytes` (Content-Length or streamed count).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    `exempt` (method, path) pairs are routes that stream their body to disk under their own,
+    larger cap (POST /models: a model archive).
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, exempt: frozenset[tuple[str, str]] = frozenset()
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     def _problem(self, scope: Scope) -> Any:
         return problem_response(
@@ -37,7 +44,7 @@ class BodySizeLimit:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("method"), scope.get("path")) in self.exempt:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):

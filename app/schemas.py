@@ -242,7 +242,9 @@ class ModelSummary(BaseModel):
 class ModelDetail(ModelSummary):
     format_version: int
     encoding: str
+    latent_prior: str = Field("uniform", description="Where starts are drawn: uniform | normal.")
     checkpoints: list[CheckpointOut]
+    samples_url: str = Field(..., description="PNG grid of G_T on seeded prior draws.")
 
 
 class MeasurementMatrixOut(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4_000_000, ge=1, description="width*height cap (PNG/JPEG).")
     max_batch: int = Field(64, ge=1, description="Most targets one job may carry.")
+
+    # Model administration (POST/DELETE /models): off until an operator turns it on, since the
+    # API has no user credentials yet; with a token set, requests must carry it as a Bearer.
+    model_admin: bool = Field(False, description="Enable POST /models and DELETE /models/{id}.")
+    admin_token: SecretStr | None = Field(
+        None, description="If set, the admin endpoints require `Authorization: Bearer <token>`."
+    )
+    max_model_upload_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Cap on a POST /models archive (and on its contents)."
+    )
 
     # Job execution.
     job_timeout_s: int = Field(3600, ge=1, description="Hard wall-clock limit per attempt.")
