@@ -214,9 +214,11 @@ def as_batch(arr: np.ndarray, shape: Sequence[int], what: str, max_batch: int) -
     elif s[0] == 1 and len(s) > 1 and len(got) == len(s) and got[1:] == s[1:]:
         out = arr[:, None]  # (B, H, W) for a one-channel model
     else:
+        last = len(s) == 3 and got[-3:] == (*s[1:], s[0]) and len(got) in (3, 4)
+        hint = "; channels go first, as in [C, H, W]" if last and s[0] > 1 else ""
         raise InvalidInput(
             f"{what} has shape {list(got)}; the model expects {list(s)} "
-            f"(or a batch of shape [B, {', '.join(map(str, s))}])",
+            f"(or a batch of shape [B, {', '.join(map(str, s))}]){hint}",
             field=what,
         )
     if not 1 <= out.shape[0] <= max_batch:

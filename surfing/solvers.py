@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from surfing.graphs import GraphedAdam, GraphedLMStage
+from surfing.latents import check_prior, draw, sample_latents
 from surfing.lm import TrackState, levenberg_marquardt, objective, track_step
 
 Stage = tuple[int, int, nn.Module]  # (checkpoint index, training step, generator)
@@ -296,8 +297,8 @@ def _lm_stage(
 RESCUE_MARGIN = 1e-3  # a rescue result replaces the first one only if 0.1 % lower
 
 
-def restart_latents(x_init: torch.Tensor, round_: int) -> torch.Tensor:
-    """A fresh start x ~ U[-1, 1]^k per target for rescue round `round_`.
+def restart_latents(x_init: torch.Tensor, round_: int, prior: str = "uniform") -> torch.Tensor:
+    """A fresh start per target for rescue round `round_`, drawn from the latent prior.
 
     Each row is drawn from a generator seeded by that target's own x_init and the round, not by
     its position: a target restarts from the same point whichever batch it is coalesced into.
@@ -307,10 +308,9 @@ def restart_latents(x_init: torch.Tensor, round_: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         key = row.numpy().tobytes() + round_.to_bytes(4, "little")
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-        out[i] = torch.rand(
-            rows.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-        )
-    return (out * 2 - 1).to(x_init)
+        g = torch.Generator().manual_seed(seed)
+        out[i] = draw((rows.shape[1],), g, prior, dtype=torch.float64)
+    return out.to(x_init)
 
 
 def not_fitted(f: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor:
@@ -409,6 +409,7 @@ def surf(
     schedule: str = DEFAULT_SCHEDULE,
     rule: StageRule | None = None,
     graphs: bool = False,
+    prior: str = "uniform",
 ) -> SolveResult:
     """Algorithm 3.1: descend each f_t warm-started from x_{t-1}, ending on the final network.
 
@@ -426,11 +427,12 @@ def surf(
 
     Rescue (every schedule but "paper"; StageRule.rescue_rtol / rescue_rounds): a target whose
     final latent does not reproduce its target (see `not_fitted`) surfs the trajectory again
-    from a fresh start (`restart_latents`) and keeps the rescue's result if its objective is
-    lower by more than RESCUE_MARGIN. Only those targets take the extra pass, so when every
-    target is fitted it costs nothing. It needs a stream that can be iterated again (a list,
-    surfing.trajectory.Generators); a one-shot iterator gets no rescue. Rescue stages are
-    reported as stages T, T + 1, ... (of 2T), with `moved` set to the targets they work on.
+    from a fresh start (`restart_latents`, a draw from the latent `prior`) and keeps the
+    rescue's result if its objective is lower by more than RESCUE_MARGIN. Only those targets
+    take the extra pass, so when every target is fitted it costs nothing. It needs a stream
+    that can be iterated again (a list, surfing.trajectory.Generators); a one-shot iterator
+    gets no rescue. Rescue stages are reported as stages T, T + 1, ... (of 2T), with `moved`
+    set to the targets they work on.
 
     `graphs` (schedules "paper" and "lm"): run the paper's Adam steps, or "lm"'s one-iteration
     intermediate stages, through one runner of surfing.graphs, captured once as a CUDA graph on
@@ -442,6 +444,7 @@ def surf(
     schedules, where targets stop at different times; a forward pass counts as half).
     """
     schedule = resolve_schedule(schedule, A, x_init.shape[1])
+    check_prior(prior)
     rule = rule or StageRule()
     if tol is not None:
         rule = replace(rule, gtol=tol)  # a gradient-norm tolerance ends adaptive stages too
@@ -468,7 +471,7 @@ def surf(
         moved[idx.cpu()] = True
         total = (round_ + 1) * per_pass
         report_rescue = _rescue_reporter(report, round_ * per_pass, moved, x, f)
-        start = restart_latents(x_init[idx], round_)
+        start = restart_latents(x_init[idx], round_, prior)
         x_r, f_r, c_r = _surf_pass(stages, b[idx], start, A, opts, report_rescue)
         # "clearly lower": two runs that end in the same flat minimum differ by float noise,
         # and a bare < would then pick by batch-size rounding (coalesced != solo result)
@@ -551,13 +554,17 @@ def direct_restarts(
     steps: int = 2000,
     lr: float = 0.01,
     tol: float | None = None,
+    prior: str = "uniform",
+    latent_dim: int | None = None,
 ) -> SolveResult:
-    """`direct` from `restarts` starts (x_init first if given, the rest U[-1,1]^k), all run as
-    one batch; the lowest objective wins per target."""
+    """`direct` from `restarts` starts (x_init first if given, the rest seeded draws from the
+    latent `prior`), all run as one batch; the lowest objective wins per target.
+
+    k comes from x_init or `latent_dim` (a user's generator need not carry `latent_dim`)."""
     if restarts < 1:
         raise ValueError("restarts must be >= 1")
-    n, k = b.shape[0], int(G.latent_dim)
-    starts = uniform_latents(n * restarts, k, seed, b.device).view(restarts, n, k)
+    n, k = b.shape[0], _latent_dim(G, x_init, latent_dim)
+    starts = sample_latents(n * restarts, k, seed, prior, b.device).view(restarts, n, k)
     if x_init is not None:
         starts[0] = x_init
     res = direct(G, b.repeat(restarts, 1), starts.view(-1, k), A, steps, lr, tol)
@@ -565,6 +572,19 @@ def direct_restarts(
     best = fs.argmin(dim=0)
     idx = torch.arange(n, device=best.device)
     return SolveResult(xs[best, idx], fs[best, idx], res.evals * restarts)
+
+
+def _latent_dim(G: nn.Module, x_init: torch.Tensor | None, latent_dim: int | None) -> int:
+    if x_init is not None:
+        if latent_dim is not None and x_init.shape[-1] != latent_dim:
+            raise ValueError(f"x_init has k = {x_init.shape[-1]}, latent_dim says {latent_dim}")
+        return int(x_init.shape[-1])
+    if latent_dim is not None:
+        return int(latent_dim)
+    k = getattr(G, "latent_dim", None)  # the built-in architectures carry it
+    if not isinstance(k, int):
+        raise ValueError("direct_restarts needs x_init or latent_dim for this generator")
+    return k
 
 
 def hybrid(
@@ -580,10 +600,11 @@ def hybrid(
     final_steps: int = 1000,
     direct_steps: int = 2000,
     progress: Progress | None = None,
+    prior: str = "uniform",
 ) -> SolveResult:
     """Surf, then `restarts` direct descents on the final network; both are polished to
     convergence (see `polish`) and the lowest objective wins, so per target it is never worse
-    (in objective) than either part."""
+    (in objective) than either part. Restarts (and any rescue) draw from the latent `prior`."""
     last: list[nn.Module] = []
 
     def remember(stream: Iterable[Stage]) -> Iterator[Stage]:
@@ -592,6 +613,11 @@ def hybrid(
             yield stage
 
     total = len(stages) if hasattr(stages, "__len__") else None  # type: ignore[arg-type]
-    surfed = surf(remember(stages), b, x_init, A, steps, lr, tol, final_steps, progress, total)
-    restarted = direct_restarts(last[0], b, restarts, seed, A, None, direct_steps, lr, tol)
+    surfed = surf(
+        remember(stages), b, x_init, A, steps, lr, tol, final_steps, progress, total, prior=prior
+    )
+    k = x_init.shape[1]
+    restarted = direct_restarts(
+        last[0], b, restarts, seed, A, None, direct_steps, lr, tol, prior, latent_dim=k
+    )
     return _keep_best(polish(last[0], surfed, b, A), polish(last[0], restarted, b, A))

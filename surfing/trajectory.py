@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models_store import Manifest, ModelStore
-from surfing.architectures import build_generator
+from surfing.architectures import StateMismatch, build_generator, check_state
 
 
 def load_into(G: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -41,9 +41,15 @@ def checkpoint_generator(
 ) -> nn.Module:
     """A frozen generator holding exactly `tensors`, given to a meta-device copy of the
     architecture, so making one copies no weights (a copy of `template`, if given, is ~4x
-    cheaper than building the architecture again)."""
+    cheaper than building the architecture again). A checkpoint that does not fit the
+    architecture raises StateMismatch naming the first bad key and both shapes."""
     G = copy.deepcopy(template) if template is not None else meta_generator(arch)
-    load_into(G, tensors)
+    try:
+        load_into(G, tensors)
+    except RuntimeError as e:  # torch's message lists every key; name the first one plainly
+        check_state(arch, tensors)
+        kind = arch.get("kind")
+        raise StateMismatch(f"checkpoint does not fit architecture {kind!r}: {e}") from e
     left = [n for n, t in [*G.named_parameters(), *G.named_buffers()] if t.is_meta]
     if left:  # a tensor the checkpoint does not store (a non-persistent buffer)
         raise ValueError(f"checkpoint leaves {left[0]!r} of {arch.get('kind')!r} unset")

@@ -42,6 +42,8 @@ from app.db import session_factory, utcnow
 from app.models import Job, JobResult, JobStatus
 from app.settings import Settings, get_settings
 from models_store import StoreError
+from surfing.architectures import StateMismatch, UnknownArchitecture, get_factory
+from surfing.latents import sample_latents
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
     SolveResult,
@@ -52,7 +54,6 @@ from surfing.solvers import (
     hybrid,
     split_result,
     surf,
-    uniform_latents,
 )
 from surfing.trajectory import final_generator, generators
 from worker.cache import WarmStore
@@ -397,6 +398,11 @@ def run_job(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
     except StoreError as e:
         _fail_all(sessions, members, f"model store: {e}")
         return {"job_id": job_id, "failed": str(e)}
+    except (UnknownArchitecture, StateMismatch) as e:
+        # Permanent: another attempt on this worker fails the same way. The message names the
+        # architecture (and what this process has) or the first checkpoint key that misfits.
+        _fail_all(sessions, members, str(e))
+        return {"job_id": job_id, "failed": str(e)}
     except Exception as e:
         # Includes RQ's JobTimeoutException; re-raised so RQ records it as well.
         name = type(e).__name__
@@ -429,6 +435,7 @@ class Pass:
     stages_total: int
     b: torch.Tensor  # (B, n) images or (B, m) measurements
     x0: torch.Tensor  # (B, k)
+    prior: str  # the manifest's latent prior: starts, restarts and rescue draws
     A: torch.Tensor | None
     sizes: list[int]  # targets per member
     targets: list[torch.Tensor | None]  # per member: the true images, when known
@@ -449,6 +456,7 @@ def _load_pass(
             jobs.append(job)
     first = jobs[0]
     manifest = store.manifest(first.model_id)
+    get_factory(manifest.arch.get("kind"))  # UnknownArchitecture before any work is done
     n, k = manifest.n_pixels, manifest.latent_dim
     A: torch.Tensor | None = None
     if first.kind == "cs":
@@ -471,10 +479,12 @@ def _load_pass(
             b = target.flatten(1)
         else:
             b = torch.from_numpy(arrays.from_npy(inp.measurements)).to(device)
-        x0 = (
+        x0 = (  # each job's own seed, so a coalesced pass starts every job where it would alone
             torch.from_numpy(arrays.from_npy(inp.x_init)).to(device)
             if inp.x_init is not None
-            else uniform_latents(b.shape[0], k, int(job.params.get("seed", 0)), device)
+            else sample_latents(
+                b.shape[0], k, int(job.params.get("seed", 0)), manifest.latent_prior, device
+            )
         )
         bs.append(b)
         x0s.append(x0)
@@ -488,6 +498,7 @@ def _load_pass(
         stages_total=int(first.stages or first.params.get("stages") or 1),
         b=torch.cat(bs),
         x0=torch.cat(x0s),
+        prior=manifest.latent_prior,
         A=A,
         sizes=[b.shape[0] for b in bs],
         targets=targets,
@@ -518,6 +529,7 @@ def _solve(
                 progress=tracker.on_stage,
                 graphs=graphs,
                 rule=rule,
+                prior=job.prior,
                 **_opts(params, "steps", "final_steps", "schedule"),
                 **lr_tol,
             )
@@ -530,6 +542,7 @@ def _solve(
             seed + 1,
             A,
             progress=tracker.on_stage,
+            prior=job.prior,
             **_opts(params, "steps", "final_steps", "direct_steps"),
             **lr_tol,
         )
@@ -540,7 +553,18 @@ def _solve(
         steps = {"steps": steps["direct_steps"]}
     if job.method == "adam":
         return direct(G, b, x0, A, **steps, **lr_tol)
-    return direct_restarts(G, b, restarts, seed, A, x0 if job.given_x0 else None, **steps, **lr_tol)
+    return direct_restarts(
+        G,
+        b,
+        restarts,
+        seed,
+        A,
+        x0 if job.given_x0 else None,
+        prior=job.prior,
+        latent_dim=x0.shape[1],
+        **steps,
+        **lr_tol,
+    )
 
 
 def _execute(

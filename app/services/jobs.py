@@ -93,7 +93,9 @@ def _x_init(options: SolveOptions, manifest: Manifest, batch: int) -> np.ndarray
 
 def _params(options: SolveOptions, manifest: Manifest, **extra: Any) -> dict[str, Any]:
     params = options.model_dump(exclude={"x_init"}, exclude_none=True)
-    params["x_init"] = "given" if options.x_init is not None else "uniform(seed)"
+    # where the starts come from: the manifest's latent prior, seeded by `seed`
+    params["x_init"] = "given" if options.x_init is not None else f"{manifest.latent_prior}(seed)"
+    params["latent_prior"] = manifest.latent_prior  # also what restarts and rescues draw from
     params["stages"] = n_stages(options.method, len(manifest.checkpoints), options.stride)
     params["output_shape"] = list(manifest.output_shape)
     params["value_range"] = list(manifest.value_range)

@@ -68,7 +68,14 @@ def _openapi(json_model: type, multipart: dict[str, Any]) -> dict[str, Any]:
 
 _BINARY = {"type": "string", "format": "binary"}
 INVERT_DOC = _openapi(
-    InvertRequest, {"image": {**_BINARY, "description": "PNG, JPEG or .npy float array"}}
+    InvertRequest,
+    {
+        "image": {
+            **_BINARY,
+            "description": "PNG/JPEG (converted to the model's channels and size; 1- or "
+            "3-channel models) or a .npy float array of the model's output shape",
+        }
+    },
 )
 CS_DOC = _openapi(
     CSRecoverRequest,
@@ -77,7 +84,10 @@ CS_DOC = _openapi(
         "matrix": {**_BINARY, "description": ".npy (m, n); or give matrix_seed and m"},
         "matrix_seed": {"type": "integer"},
         "m": {"type": "integer"},
-        "true_image": {**_BINARY, "description": "optional PNG/JPEG/.npy true image"},
+        "true_image": {
+            **_BINARY,
+            "description": "optional true image: PNG/JPEG (converted as for /invert) or .npy",
+        },
     },
 )
 
