@@ -91,7 +91,9 @@ class SolveOptions(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(
-        None, description="Starting latent, length k (or B x k); default U[-1, 1]^k from seed."
+        None,
+        description="Starting latent, length k (or B x k); default: drawn from the model's "
+        "latent prior (manifest latent_prior) with seed.",
     )
 
     @model_validator(mode="after")
