@@ -46,6 +46,7 @@ from .errors import (
     StoreError,
 )
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointInfo, Manifest, validate_model_id
+from .recovery import check_resumable, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,18 @@ class ModelStore:
             raise
         fsync_dir(self.root)
         return TrajectoryWriter(folder, manifest, encoder)
+
+    def reopen(self, model_id: str) -> TrajectoryWriter:
+        """A writer appending to an incomplete trajectory, after its last listed checkpoint.
+
+        For a training run resumed after a crash. Refuses complete and lossy-encoded
+        trajectories, checks the listed files are there, and removes checkpoint files the
+        manifest does not list (a crash between a file write and its manifest write)."""
+        manifest = self.manifest(model_id)
+        folder = self.path(model_id)
+        check_resumable(manifest, folder)
+        remove_orphans(manifest, folder)
+        return TrajectoryWriter(folder, manifest)
 
     def delete(self, model_id: str) -> None:
         """Remove a model; it disappears from listings at once (rename first, then rmtree)."""

@@ -18,3 +18,6 @@ fi
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+# The worked example declares a generator in the `surfing.architectures` entry-point group;
+# installed here so its test (tests/test_example_digits.py) finds it. Brings scikit-learn.
+"$PY" -m pip install -q --disable-pip-version-check -e examples/digits --config-settings editable_mode=compat
