@@ -262,3 +262,24 @@ def test_theorem31(tmp_path: Path) -> None:
     assert {r["operator"] for r in summary} == {"identity", "gaussian"}
     assert all(r["runs"] == 6 for r in summary)
     check_outputs(tmp_path, "theorem31", ["theorem31.csv", "theorem31_runs.csv", "theorem31.png"])
+
+
+def test_beyond(store: ModelStore, tmp_path: Path) -> None:
+    """Any stored model: exact recovery at A = I, n/4, n/16 and held-out images, per solver."""
+    import numpy as np
+
+    real = tmp_path / "real.npy"
+    np.save(real, np.random.default_rng(0).random((5, 28, 28), dtype=np.float32))
+    out = run_cli("beyond", store, tmp_path, "--model", "tiny-k2", "--trials", "4",
+                  "--real", str(real), "--real-count", "3", *TINY)
+    exact, errors = out["exact"], out["real"]  # type: ignore[index]
+    settings = ["A = I", f"m = {784 // 4}", f"m = {784 // 16}"]
+    assert [(r["setting"], r["solver"]) for r in exact] == [
+        (s, n) for s in settings for n in ("default", "paper", "adam")
+    ]
+    assert all(0 <= r["success %"] <= 100 and r["evals / target"] > 0 for r in exact)
+    # The paper schedule spends the same evaluations on every target; Adam exactly its steps.
+    assert {r["evals / target"] for r in exact if r["solver"] == "adam"} == {10}
+    assert len(errors) == 9 and all(0 <= r["median pixel error"] <= 1 for r in errors)
+    assert (tmp_path / "beyond_tiny-k2_real.png").stat().st_size > 1000
+    assert "<!-- BEGIN beyond-tiny-k2 -->" in (tmp_path / "results.md").read_text()

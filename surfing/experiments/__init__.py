@@ -28,6 +28,7 @@ def _registry() -> dict[str, Experiment]:
     from surfing.experiments import (
         alg32,
         baselines,
+        beyond,
         fig1,
         fig2,
         fig3,
@@ -45,6 +46,7 @@ def _registry() -> dict[str, Experiment]:
         "baselines": _from(baselines),
         "alg32": _from(alg32),
         "theorem31": _from(theorem31),
+        "beyond": _from(beyond),
     }
 
 
