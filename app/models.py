@@ -46,8 +46,33 @@ class JobKind(str, enum.Enum):
     cs = "cs"
 
 
+class Scope(str, enum.Enum):
+    """What an API key may do; each scope includes the ones before it (app.auth)."""
+
+    read = "read"
+    submit = "submit"
+    admin = "admin"
+
+
 _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 _KIND_VALUES = ", ".join(f"'{k.value}'" for k in JobKind)
+_SCOPE_VALUES = ", ".join(f"'{s.value}'" for s in Scope)
+
+
+class ApiKey(Base):
+    """An API key: the public id and a SHA-256 of the secret; the secret itself is never stored
+    (app.services.keys explains why a fast hash suffices). Keys are revoked, never deleted, so
+    a job's owner_key_id always names a row."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(f"scope IN ({_SCOPE_VALUES})", name="scope"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Job(Base):
@@ -58,6 +83,8 @@ class Job(Base):
         CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
         CheckConstraint(f"kind IN ({_KIND_VALUES})", name="kind"),
         Index(None, "status", "heartbeat_at"),  # the reaper's query
+        # One job per (key, Idempotency-Key); also serves "this key's active jobs" counts.
+        Index(None, "owner_key_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -84,6 +111,12 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     run_seconds: Mapped[float | None] = mapped_column(Float)
+    # The API key that submitted the job (None with auth off); only it (or an admin) sees it.
+    # No foreign key: adding one rebuilds the jobs table on SQLite, and keys are never deleted.
+    owner_key_id: Mapped[str | None] = mapped_column(String(32))
+    # Idempotency-Key of the POST and the SHA-256 of its canonical body (app.services.admission).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
 
     inputs: Mapped[JobInput] = relationship(
         back_populates="job", cascade="all, delete-orphan", uselist=False, lazy="raise"

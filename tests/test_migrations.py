@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 import app.models  # noqa: F401  (tables on Base.metadata)
 from app.db import Base, alembic_config, normalize_url
 
-TABLES = {"jobs", "job_inputs", "job_results"}
+TABLES = {"jobs", "job_inputs", "job_results", "api_keys"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -46,10 +46,13 @@ def test_upgrade_matches_models_and_downgrades(empty_db: str) -> None:
         assert _diff(engine) == []
         # The naming convention reached the database (batch mode on SQLite relies on it).
         assert inspector.get_pk_constraint("jobs")["name"] == "pk_jobs"
-        assert {ix["name"] for ix in inspector.get_indexes("jobs")} == {
+        indexes = {ix["name"]: ix for ix in inspector.get_indexes("jobs")}
+        assert set(indexes) == {
             "ix_jobs_model_id",
             "ix_jobs_status_heartbeat_at",
+            "ix_jobs_owner_key_id_idempotency_key",
         }
+        assert indexes["ix_jobs_owner_key_id_idempotency_key"]["unique"]
         if engine.dialect.name == "postgresql":
             fks = inspector.get_foreign_keys("job_results")
             assert [fk["name"] for fk in fks] == ["fk_job_results_job_id_jobs"]
@@ -63,6 +66,13 @@ def test_upgrade_matches_models_and_downgrades(empty_db: str) -> None:
                     "CURRENT_TIMESTAMP)"
                 )
             )
+
+        # 0003 (API keys, job owners) goes down and up again without touching older columns.
+        command.downgrade(cfg, "0002")
+        assert "api_keys" not in sa.inspect(engine).get_table_names()
+        assert "owner_key_id" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+        command.upgrade(cfg, "head")
+        assert _diff(engine) == []
 
         command.downgrade(cfg, "base")
         assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}

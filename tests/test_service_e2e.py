@@ -49,6 +49,7 @@ def _test_env(settings: Settings) -> dict[str, str]:
 
 def _settings(tmp: Path, models_dir: Path, **kw: Any) -> Settings:
     return Settings(
+        auth="off",  # PostgreSQL + Redis would turn it on; keys are tests/test_auth.py's
         state_dir=tmp,
         models_dir=models_dir,
         progress_interval_s=0.2,

@@ -48,8 +48,10 @@ X_STAR = [[-0.29, 0.43]]  # a latent the tiny model's surfing recovers from seed
 
 
 def _settings(tmp: Path, models: Path, **kw: Any) -> Settings:
+    # auth off: these tests exercise the no-key admin switch and token (also on PostgreSQL +
+    # Redis, where auth would be on); admin-scope keys are tests/test_auth.py's
     base: dict[str, Any] = dict(
-        database_url=None, redis_url=None, state_dir=tmp, models_dir=models,
+        database_url=None, redis_url=None, state_dir=tmp, models_dir=models, auth="off",
         model_admin=True, admin_token=TOKEN, torch_threads=1, progress_interval_s=0.2,
     )
     return Settings(**{**base, **kw})

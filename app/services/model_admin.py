@@ -35,6 +35,8 @@ from sqlalchemy.orm import Session
 from starlette.requests import ClientDisconnect
 
 from app import arrays
+from app.auth import auth_mode, authenticate, bearer_token, check_scope
+from app.db import session_factory
 from app.models import ACTIVE, Job
 from app.problems import InvalidInput, NotFound, Problem, TooLarge
 from app.services.jobs import load_manifest
@@ -71,7 +73,14 @@ SAMPLE_SEED = 0
 
 
 def require_admin(settings: Settings, authorization: str | None) -> None:
-    """403 while model administration is off; 401 unless the bearer token matches."""
+    """With auth on (app.auth): an admin-scope API key, else 401/403. With auth off (the local
+    embedded mode): 403 while SURFING_MODEL_ADMIN is off; then 401 unless the optional
+    SURFING_ADMIN_TOKEN matches."""
+    if auth_mode(settings)[0]:
+        sessions = session_factory(settings.sqlalchemy_url)  # the app's engine (one per URL)
+        principal = authenticate(sessions, settings, bearer_token(authorization))
+        check_scope(principal, "admin")
+        return
     if not settings.model_admin:
         raise Problem(
             403,

@@ -1,4 +1,8 @@
-"""GET/DELETE /jobs/{id} and the reconstruction PNG."""
+"""GET/DELETE /jobs/{id} and the reconstruction PNG.
+
+A key reads (scope read) and cancels (scope submit) only its own jobs: another key's job is a
+404, as if it did not exist. Admin keys, and everyone when auth is off, see every job.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import AUTH_RESPONSES
 from app.db import utcnow
-from app.deps import QueueDep, SessionDep
+from app.deps import QueueDep, ReadKey, SessionDep, SubmitKey
 from app.models import JobStatus
 from app.schemas import JobOut
 from app.services import jobs as service
@@ -18,22 +23,35 @@ from app.services.reaper import reap_stale_jobs
 router = APIRouter(tags=["jobs"])
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress and result")
-def get_job(job_id: str, request: Request, session: SessionDep, queue: QueueDep) -> Any:
-    job = service.get_job(session, job_id)
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    responses={**AUTH_RESPONSES, 404: {"description": "No such job of this key."}},
+    summary="Job status, progress and result",
+)
+def get_job(
+    job_id: str, request: Request, session: SessionDep, queue: QueueDep, principal: ReadKey
+) -> Any:
+    owner = principal.owner_filter
+    job = service.get_job(session, job_id, owner=owner)
     settings = request.app.state.settings
     if job.status == JobStatus.running.value and job.heartbeat_at is not None:
         age = (utcnow() - job.heartbeat_at).total_seconds()
         if age > settings.stale_after_s:  # its worker is gone: settle it now, not later
             reap_stale_jobs(request.app.state.sessions, queue, settings, job_id=job.id)
             session.expire_all()
-            job = service.get_job(session, job_id)
+            job = service.get_job(session, job_id, owner=owner)
     return service.job_view(job, utcnow())
 
 
-@router.delete("/jobs/{job_id}", response_model=JobOut, summary="Cancel a queued or running job")
-def cancel_job(job_id: str, session: SessionDep, queue: QueueDep) -> Any:
-    job = service.cancel_job(session, queue, job_id)
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    responses={**AUTH_RESPONSES, 404: {"description": "No such job of this key."}},
+    summary="Cancel a queued or running job",
+)
+def cancel_job(job_id: str, session: SessionDep, queue: QueueDep, principal: SubmitKey) -> Any:
+    job = service.cancel_job(session, queue, job_id, owner=principal.owner_filter)
     job = service.get_job(session, job.id)
     return service.job_view(job, utcnow())
 
@@ -41,16 +59,24 @@ def cancel_job(job_id: str, session: SessionDep, queue: QueueDep) -> Any:
 @router.get(
     "/jobs/{job_id}/reconstruction.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 409: {"description": "No result yet."}},
+    responses={
+        **AUTH_RESPONSES,
+        200: {"content": {"image/png": {}}},
+        404: {"description": "No such job of this key."},
+        409: {"description": "No result yet."},
+    },
     summary="G_T(x) of a finished job as PNG",
 )
 async def reconstruction(
     job_id: str,
     session: SessionDep,
+    principal: ReadKey,
     index: Annotated[int, Query(ge=0, description="Which target of a batch job.")] = 0,
     scale: Annotated[int, Query(ge=1, le=16, description="Nearest-neighbour zoom.")] = 1,
 ) -> Response:
-    job = await run_in_threadpool(service.get_job, session, job_id)
+    job = await run_in_threadpool(
+        service.get_job, session, job_id, True, principal.owner_filter
+    )
     png = await run_in_threadpool(
         service.reconstruction_png, job, service.value_range_of(job), index, scale
     )

@@ -1,14 +1,23 @@
-"""POST /invert and POST /cs-recover: validate, create a job row, enqueue, answer 202."""
+"""POST /invert and POST /cs-recover: validate, admit, create a job row, enqueue, answer 202.
+
+Both need a key with scope submit (app.auth). An `Idempotency-Key` header makes a retry safe:
+the same key with the same body answers with the job the first request created.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.parsing import MULTIPART, is_form, json_field, media_type, read_body, validate
-from app.deps import QueueDep, SessionDep, SettingsDep, StoreDep
+from app.auth import Principal
+from app.deps import QueueDep, SessionDep, SettingsDep, StoreDep, SubmitKey
+from app.models import Job
 from app.problems import InvalidInput
 from app.schemas import (
     CSRecoverRequest,
@@ -17,7 +26,9 @@ from app.schemas import (
     MatrixSeed,
     SolveOptions,
 )
+from app.services import admission
 from app.services import jobs as service
+from app.settings import Settings
 
 router = APIRouter(tags=["jobs"])
 
@@ -58,10 +69,16 @@ def _openapi(json_model: type, multipart: dict[str, Any]) -> dict[str, Any]:
             },
         },
         "responses": {
-            "202": {"description": "Job accepted; poll the Location header."},
+            "202": {"description": "Job accepted (or, for a repeated Idempotency-Key, the job "
+                    "the first request created); poll the Location header."},
+            "401": {"description": "No valid API key (problem+json)."},
+            "403": {"description": "The key's scope does not allow submitting (problem+json)."},
             "404": {"description": "Unknown model (problem+json)."},
             "413": {"description": "Upload over the size cap (problem+json)."},
-            "422": {"description": "Invalid input (problem+json)."},
+            "422": {"description": "Invalid input, or an Idempotency-Key reused for a "
+                    "different request (problem+json)."},
+            "429": {"description": "Over a rate, quota, queue or compute limit; see "
+                    "Retry-After (problem+json)."},
         },
     }
 
@@ -114,6 +131,57 @@ def _options_of(req: SolveOptions) -> SolveOptions:
     return SolveOptions.model_validate(req.model_dump(include=set(SolveOptions.model_fields)))
 
 
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="A unique string per request (a UUID): a retry with the same key and body "
+        "answers with the job the first request created; a different body is a 422.",
+    ),
+]
+
+
+class _Admission:
+    """One POST's Idempotency-Key and body hash, and the admission steps that use them."""
+
+    def __init__(
+        self, settings: Settings, principal: Principal, header: str | None, path: str,
+        fields: dict[str, Any], files: dict[str, bytes],
+    ) -> None:
+        self.settings, self.principal = settings, principal
+        self.key = admission.idempotency_key(header)
+        # hashed before the route decodes fields in place
+        self.digest = None if self.key is None else admission.request_hash(path, fields, files)
+
+    def earlier(self, session: Session) -> Job | None:
+        """The job this request already created (a retry), or None; 422 for a reused key."""
+        if self.key is None or self.digest is None:
+            return None
+        job_id = admission.find_replay(session, self.principal.key_id, self.key, self.digest)
+        return None if job_id is None else service.get_job(session, job_id, with_result=False)
+
+    def create(self, session: Session, make: Callable[[admission.Gate], Job]) -> tuple[Job, bool]:
+        """(job, replayed): `make` builds the job, the gate admits it just before it commits."""
+        try:
+            with admission.Gate(self.settings, self.principal, self.key, self.digest) as gate:
+                return make(gate), False
+        except admission.Replay as r:  # a concurrent retry committed first
+            session.rollback()
+            return service.get_job(session, r.job_id, with_result=False), True
+        except IntegrityError:  # the same, from another API process (the unique index)
+            session.rollback()
+            earlier = self.earlier(session)
+            if earlier is None:
+                raise
+            return earlier, True
+
+
+def _answer(response: Response, job: Job, replayed: bool) -> JobAccepted:
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _accepted(response, job.id, job.status)
+
+
 @router.post(
     "/invert",
     status_code=202,
@@ -128,8 +196,15 @@ async def invert(
     settings: SettingsDep,
     store: StoreDep,
     queue: QueueDep,
+    principal: SubmitKey,
+    idempotency_key: IdempotencyHeader = None,
 ) -> JobAccepted:
     fields, files = await read_body(request, settings)
+    entry = _Admission(settings, principal, idempotency_key, request.url.path, fields, files)
+    earlier = await run_in_threadpool(entry.earlier, session)
+    if earlier is not None:
+        return _answer(response, earlier, True)
+    admission.check_rate(settings, principal)
     image: Any
     if is_form(request):
         unexpected = set(files) - {"image"}
@@ -145,18 +220,14 @@ async def invert(
     else:
         req = validate(InvertRequest, fields)
         model_id, options, image, source = req.model_id, _options_of(req), req.image, "json"
-    job = await run_in_threadpool(
-        service.create_invert_job,
-        session,
-        store,
-        settings,
-        queue,
-        model_id,
-        options,
-        image,
-        source,
-    )
-    return _accepted(response, job.id, job.status)
+
+    def make(admit: admission.Gate) -> Job:
+        return service.create_invert_job(
+            session, store, settings, queue, model_id, options, image, source, admit
+        )
+
+    job, replayed = await run_in_threadpool(entry.create, session, make)
+    return _answer(response, job, replayed)
 
 
 @router.post(
@@ -173,8 +244,15 @@ async def cs_recover(
     settings: SettingsDep,
     store: StoreDep,
     queue: QueueDep,
+    principal: SubmitKey,
+    idempotency_key: IdempotencyHeader = None,
 ) -> JobAccepted:
     fields, files = await read_body(request, settings)
+    entry = _Admission(settings, principal, idempotency_key, request.url.path, fields, files)
+    earlier = await run_in_threadpool(entry.earlier, session)
+    if earlier is not None:
+        return _answer(response, earlier, True)
+    admission.check_rate(settings, principal)
     matrix: Any
     if is_form(request):
         unexpected = set(files) - {"measurements", "matrix", "true_image"}
@@ -203,17 +281,12 @@ async def cs_recover(
         req = validate(CSRecoverRequest, fields)
         model_id, options, source = req.model_id, _options_of(req), "json"
         measurements, matrix, true_image = req.measurements, req.matrix, req.true_image
-    job = await run_in_threadpool(
-        service.create_cs_job,
-        session,
-        store,
-        settings,
-        queue,
-        model_id,
-        options,
-        measurements,
-        matrix,
-        true_image,
-        source,
-    )
-    return _accepted(response, job.id, job.status)
+
+    def make(admit: admission.Gate) -> Job:
+        return service.create_cs_job(
+            session, store, settings, queue, model_id, options, measurements, matrix,
+            true_image, source, admit,
+        )
+
+    job, replayed = await run_in_threadpool(entry.create, session, make)
+    return _answer(response, job, replayed)
