@@ -2,16 +2,24 @@
 
 Both run the same job function, `worker.jobs.run_job(job_id)`; the queue only carries the job
 id, because the database row holds everything else. That keeps the two modes identical in
-behaviour and lets a job be re-queued (after a lost worker) by id alone.
+behaviour and lets a job be re-queued (after a lost worker) by id alone. A queue entry is a
+hint, never the truth: a `queued` row with no waiting entry is enqueued again by the
+reconciler (`app.lifecycle.reconciler`), and duplicates are skipped by the guarded claim.
+
+The `app` package never imports `worker`: RQ resolves the job function from its name in the
+worker process, and the in-process runner is built by a factory the caller passes in, by
+default the fixed, allow-listed `EMBEDDED_RUNNER` resolved with importlib.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue as stdlib_queue
 import threading
 import uuid
-from typing import Protocol
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 from app.settings import Settings
 
@@ -19,6 +27,23 @@ log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "worker.jobs.run_job"
 FAILURE_CALLBACK = "worker.jobs.on_rq_failure"
+# The in-process runner: a factory (settings) -> run(job_id); only these names may be loaded.
+EMBEDDED_RUNNER = "worker.jobs.embedded_runner"
+ALLOWED_RUNNERS = frozenset({EMBEDDED_RUNNER})
+# RQ job statuses of an entry that a worker will still pop (all others: gone or taken).
+RQ_WAITING = frozenset({"queued", "deferred", "scheduled"})
+
+Runner = Callable[[str], Any]
+RunnerFactory = Callable[[Settings], Runner]
+
+
+def load_runner(name: str = EMBEDDED_RUNNER) -> RunnerFactory:
+    """The runner factory named by an allow-listed constant (never by input)."""
+    if name not in ALLOWED_RUNNERS:
+        raise ValueError(f"{name!r} is not an allowed job runner")
+    module, _, attr = name.rpartition(".")
+    factory: RunnerFactory = getattr(importlib.import_module(module), attr)
+    return factory
 
 
 class QueueUnavailable(RuntimeError):
@@ -44,8 +69,13 @@ class JobQueue(Protocol):
 
     def depth(self) -> int: ...
 
+    def waiting(self, refs: Collection[str]) -> set[str]:
+        """Those of `refs` (from `enqueue`) whose entries a worker will still take; the rest
+        are gone (flushed, popped by a worker that died, failed). QueueUnavailable if down."""
+        ...
+
     def workers(self) -> int:
-        """Workers currently able to take jobs from this queue."""
+        """Workers currently able to take jobs from this queue (alive now)."""
         ...
 
     def ping(self) -> None:
@@ -64,7 +94,18 @@ class RQJobQueue:
 
         assert settings.redis_url
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.retry import Retry
+
+        # Bounded time: redis-py retries timeouts 10x with backoff by default (minutes against
+        # a frozen Redis); here one immediate retry, and only for a dropped connection.
+        self.redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_connect_timeout_s,
+            socket_timeout=settings.redis_socket_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
         self.queue = Queue(settings.queue_name, connection=self.redis)
 
     def start(self) -> None:
@@ -115,12 +156,31 @@ class RQJobQueue:
         except RedisError as e:
             raise QueueUnavailable(str(e)) from e
 
-    def workers(self) -> int:
+    def waiting(self, refs: Collection[str]) -> set[str]:
         from redis.exceptions import RedisError
-        from rq import Worker
+        from rq.job import Job as RQJob
+
+        refs = list(refs)
+        if not refs:
+            return set()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for ref in refs:
+                pipe.hget(RQJob.key_for(ref), "status")
+            statuses = pipe.execute()
+        except RedisError as e:
+            raise QueueUnavailable(str(e)) from e
+        return {r for r, st in zip(refs, statuses, strict=True) if st and st.decode() in RQ_WAITING}
+
+    def workers(self) -> int:
+        """Workers whose own presence beat is younger than SURFING_STALE_AFTER_S (RQ's
+        registrations outlive a killed worker by minutes)."""
+        from redis.exceptions import RedisError
+
+        from app.lifecycle.presence import fresh_workers
 
         try:
-            return len(Worker.all(queue=self.queue))
+            return fresh_workers(self.redis, self.settings.queue_name, self.settings.stale_after_s)
         except RedisError as e:
             raise QueueUnavailable(str(e)) from e
 
@@ -141,11 +201,14 @@ class InProcessJobQueue:
     """
 
     kind = "in-process"
-    _STOP = "__stop__"
+    _STOP = ("__stop__", "")
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runner: RunnerFactory | None = None) -> None:
         self.settings = settings
-        self._queue: stdlib_queue.Queue[str] = stdlib_queue.Queue()
+        self.runner = runner
+        self._queue: stdlib_queue.Queue[tuple[str, str]] = stdlib_queue.Queue()  # (ref, job id)
+        self._waiting: set[str] = set()  # refs not yet taken, or being claimed right now
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -161,29 +224,37 @@ class InProcessJobQueue:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        from worker.jobs import prepare_runtime, run_job  # torch loads with the runner
-
-        prepare_runtime(self.settings)
+        run = (self.runner or load_runner())(self.settings)  # torch loads with the runner
 
         while True:
-            job_id = self._queue.get()
-            if job_id == self._STOP:
+            ref, job_id = self._queue.get()
+            if (ref, job_id) == self._STOP:
                 return
             try:
-                run_job(job_id, settings=self.settings)
+                run(job_id)
             except Exception:  # run_job already recorded the failure in the db
                 log.exception("job %s failed", job_id)
+            finally:
+                with self._lock:
+                    self._waiting.discard(ref)
 
     def enqueue(self, job_id: str) -> str:
         self.start()
-        self._queue.put(job_id)
-        return f"local.{job_id}"
+        ref = f"local.{job_id}.{uuid.uuid4().hex[:8]}"
+        with self._lock:
+            self._waiting.add(ref)
+        self._queue.put((ref, job_id))
+        return ref
 
     def discard(self, queue_ref: str | None) -> None:
         pass  # run_job skips jobs whose row is no longer queued
 
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def waiting(self, refs: Collection[str]) -> set[str]:
+        with self._lock:
+            return self._waiting.intersection(refs)
 
     def workers(self) -> int:
         return int(self._thread is not None and self._thread.is_alive())
@@ -193,8 +264,9 @@ class InProcessJobQueue:
             raise QueueUnavailable("the in-process runner thread is not running")
 
 
-def make_queue(settings: Settings) -> JobQueue:
-    """RQ when REDIS_URL is set, else the in-process runner."""
+def make_queue(settings: Settings, runner: RunnerFactory | None = None) -> JobQueue:
+    """RQ when REDIS_URL is set, else the in-process runner (built by `runner`, default
+    `load_runner()`)."""
     if settings.embedded:
-        return InProcessJobQueue(settings)
+        return InProcessJobQueue(settings, runner)
     return RQJobQueue(settings)

@@ -13,6 +13,11 @@ A job may join another's pass only when that cannot change its answer:
 - a method whose per-target path ignores the rest of the batch. Restart methods draw their
   starts for the whole batch from one seed, and Adam with a gradient tolerance stops when
   *every* target is below it, so those always run alone.
+
+Only first attempts share a pass. A retry (a job re-queued after its attempt was lost, perhaps
+because that very job crashed its worker) runs alone: its leader never takes companions
+(`worker.attempt`) and it is never taken as one (attempt == 0 below), so a crash it causes
+again costs no other job an attempt.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def find_companions(sessions: sessionmaker[Session], leader_id: str, max_targets
             select(Job)
             .where(
                 Job.status == JobStatus.queued.value,
+                Job.attempt == 0,  # retries run alone
                 Job.model_id == leader.model_id,
                 Job.kind == leader.kind,
                 Job.method == leader.method,

@@ -1,54 +1,47 @@
-"""The job function, `run_job(job_id)`: the same code under RQ and in the embedded runner.
+"""The job function, `run_job(job_id)` (the same under RQ and in the embedded runner), and its
+solve step: load the pass, run the solver, split the result per job.
 
-Life of an attempt:
-
-1. *Claim*: `queued -> running`, `attempt += 1` in one guarded UPDATE. A row that is not
-   `queued` (canceled, already taken by another worker, finished) is left alone.
-2. A heartbeat thread refreshes `heartbeat_at`; when its guarded UPDATE matches nothing, the
-   job was canceled or re-queued behind our back, and the attempt aborts.
-3. The solver runs with two hooks: the per-stage `progress` callback of `surfing.solvers`
-   and a forward hook on the generator, so progress (stage t of T, current objective) reaches
-   the database at most every `progress_interval_s` even inside one long stage, and a cancel
-   or timeout interrupts within one generator evaluation.
-4. *Finish*: results are written only if the row is still `running` with *this* attempt, in
-   the same transaction as the status change, so a late or retried attempt never clobbers a
-   newer one and a canceled job stays canceled.
+What happens to the rows (claim, companions, heartbeat, finish, fail) is `worker.attempt`'s
+business, through `app.lifecycle`; progress and cancellation checks from inside the solver are
+`worker.progress`'s. This module only computes: `solve_pass` turns the claimed members of a
+pass into one `JobResult` per job.
 
 An attempt may carry companions (`worker.coalesce`): queued jobs for the same model, matrix and
-options claimed right after the job itself and solved in the same pass over the trajectory.
-Every step above is then done per job (each has its own attempt, guard and result); losing
-one job (canceled, re-queued) drops only that job, and the pass stops once every job is lost.
+options, solved in the same pass over the trajectory on the concatenated targets (each job with
+its own seeded or given starting points) and split back with `split_result`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
-import threading
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import bindparam, select, tuple_, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app import arrays
-from app.db import session_factory, utcnow
-from app.models import Job, JobResult, JobStatus
+from app.db import session_factory
+from app.lifecycle import (
+    Heartbeat,
+    JobAborted,
+    Member,
+    claim,
+    fail,
+    reap_stale_jobs,
+)
+from app.lifecycle import finish as _finish
+from app.models import Job, JobResult
 from app.settings import Settings, get_settings
-from models_store import StoreError
-from surfing.architectures import StateMismatch, UnknownArchitecture, get_factory
+from surfing.architectures import get_factory
 from surfing.latents import sample_latents
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
     SolveResult,
     StageRule,
-    StageTrace,
     direct,
     direct_restarts,
     hybrid,
@@ -56,371 +49,50 @@ from surfing.solvers import (
     surf,
 )
 from surfing.trajectory import final_generator, generators
+from worker.attempt import Outcome, PassOutcome, run_attempt
 from worker.cache import WarmStore
-from worker.coalesce import find_companions
+from worker.progress import Hooked, JobTimedOut, Tracker
+from worker.runtime import pick_device, prepare_runtime, warm_store, worker_name
 
 log = logging.getLogger(__name__)
 
-RUNNING = JobStatus.running.value
-
-
-class JobAborted(Exception):
-    """The attempt must stop without writing: canceled, or superseded by a newer attempt."""
-
-
-class JobTimedOut(Exception):
-    """The attempt ran past settings.job_timeout_s."""
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pick_device(settings: Settings) -> torch.device:
-    """CUDA when present (device='auto'), else what the settings name."""
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
-
-
-_stores: dict[tuple[str, int, str], WarmStore] = {}
-_stores_lock = threading.Lock()
-
-
-def warm_store(settings: Settings, device: torch.device) -> WarmStore:
-    """One warm cache per (store root, budget, device) per process."""
-    key = (str(settings.models_dir), settings.warm_cache_mb, str(device))
-    with _stores_lock:
-        store = _stores.get(key)
-        if store is None:
-            store = _stores[key] = WarmStore(
-                settings.models_dir, settings.warm_cache_mb * 1024 * 1024, device
-            )
-        return store
-
-
-# ---- database transitions ------------------------------------------------------------------
-
-
-def _guard(job_id: str, attempt: int) -> tuple[Any, ...]:
-    return (Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING)
-
-
-def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> int | None:
-    """queued -> running; returns the new attempt number, or None if not claimable."""
-    now = utcnow()
-    with sessions() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-            .values(
-                status=RUNNING,
-                attempt=Job.attempt + 1,
-                started_at=now,
-                heartbeat_at=now,
-                worker=worker,
-                stage=None,
-                objective=None,
-                progress_at=None,
-                finished_at=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
-            s.rollback()
-            return None
-        attempt = s.scalar(select(Job.attempt).where(Job.id == job_id))
-        s.commit()
-        return int(attempt) if attempt is not None else None
-
-
-def fail(
-    sessions: sessionmaker[Session],
-    job_id: str,
-    attempt: int | None,
-    error: str,
-    queue_ref: str | None = None,
-) -> bool:
-    """running -> failed for this attempt (or, with attempt None, for this enqueue)."""
-    now = utcnow()
-    where: list[Any] = [Job.id == job_id, Job.status == RUNNING]
-    if attempt is not None:
-        where.append(Job.attempt == attempt)
-    if queue_ref is not None:
-        where.append(Job.queue_ref == queue_ref)
-    with sessions() as s:
-        started = s.scalar(select(Job.started_at).where(Job.id == job_id))
-        res = s.execute(
-            update(Job)
-            .where(*where)
-            .values(
-                status=JobStatus.failed.value,
-                error=error[:4000],
-                finished_at=now,
-                run_seconds=(now - started).total_seconds() if started else None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        s.commit()
-        return bool(res.rowcount)  # type: ignore[attr-defined]
-
-
-@dataclass
-class Member:
-    """One job of a pass: its id, the attempt this worker holds, and whether it slipped away
-    (canceled or re-queued behind our back: nothing more is written for it)."""
-
-    job_id: str
-    attempt: int
-    lost: bool = False
-
-
-def _live(members: list[Member]) -> list[Member]:
-    return [m for m in members if not m.lost]
-
-
-def touch(
-    sessions: sessionmaker[Session], members: list[Member], rows: dict[str, dict[str, Any]]
-) -> None:
-    """Guarded per-job UPDATEs (`rows[job_id]` for each live member) in one transaction;
-    members whose row no longer belongs to their attempt are marked lost."""
-    live = _live(members)
-    if not live:
-        return
-    stmt = (
-        update(Job)
-        .where(Job.id == bindparam("jid"), Job.attempt == bindparam("att"), Job.status == RUNNING)
-        .execution_options(synchronize_session=False)
-    )
-    params = [{"jid": m.job_id, "att": m.attempt, **rows[m.job_id]} for m in live]
-    with sessions() as s:
-        s.connection().execute(stmt, params)
-        ours = set(
-            s.scalars(
-                select(Job.id).where(
-                    tuple_(Job.id, Job.attempt).in_([(m.job_id, m.attempt) for m in live]),
-                    Job.status == RUNNING,
-                )
-            )
-        )
-        s.commit()
-    for m in live:
-        if m.job_id not in ours:
-            m.lost = True
-
-
-class Heartbeat(threading.Thread):
-    """Refreshes heartbeat_at of every job in the pass; sets `lost` once none is ours any more."""
-
-    def __init__(
-        self, sessions: sessionmaker[Session], members: list[Member], interval: float
-    ) -> None:
-        super().__init__(name=f"heartbeat-{members[0].job_id[:8]}", daemon=True)
-        self.sessions, self.members, self.interval = sessions, members, interval
-        self.lost = threading.Event()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                now = utcnow()
-                touch(
-                    self.sessions,
-                    self.members,
-                    {m.job_id: {"heartbeat_at": now} for m in self.members},
-                )
-            except SQLAlchemyError as e:  # a db blip must not kill the job; retry next beat
-                log.warning("heartbeat for job %s failed: %s", self.members[0].job_id, e)
-            if not _live(self.members):
-                self.lost.set()
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-@dataclass
-class Tracker:
-    """Progress, cancellation and timeout checks, called from inside the solver.
-
-    `sizes[i]` targets of the pass belong to `members[i]`; progress objectives are per job."""
-
-    sessions: sessionmaker[Session]
-    members: list[Member]
-    sizes: list[int]
-    stages: int
-    interval: float
-    deadline: float
-    timeout_s: int
-    heartbeat: Heartbeat
-    b: torch.Tensor
-    A: torch.Tensor | None
-    completed: int = 0
-    objective: torch.Tensor | None = None  # (B,) per target, latest known
-    last_write: float = field(default_factory=lambda: 0.0)
-
-    def check(self) -> None:
-        if self.heartbeat.lost.is_set() or not _live(self.members):
-            raise JobAborted("job was canceled or re-queued")
-        if time.monotonic() > self.deadline:
-            raise JobTimedOut(f"timed out after {self.timeout_s} s (SURFING_JOB_TIMEOUT_S)")
-
-    def on_stage(self, info: StageTrace) -> None:
-        """surfing's per-stage callback."""
-        self.check()
-        self.completed = info.stage + 1
-        if info.total is not None and info.total > self.stages:  # a rescue pass adds stages
-            self.stages = info.total
-        self.objective = info.objective.detach().double().cpu()
-        self.maybe_write()
-
-    def on_forward(self, _module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        """Forward hook on the generator: keeps progress fresh inside long stages."""
-        self.check()
-        if time.monotonic() - self.last_write < self.interval:
-            return
-        if isinstance(output, torch.Tensor) and not _is_transformed(output):
-            # Inside torch.func transforms (vmap/jvp, as Levenberg-Marquardt uses) values
-            # cannot be read out; the next plain forward pass reports the objective instead.
-            # Only full-batch passes are read: after masking, rows no longer map to jobs.
-            with torch.no_grad():
-                out = output.detach().flatten(1)
-                if self.A is not None:
-                    out = out @ self.A.T
-                b = self.b
-                if out.shape[0] != b.shape[0] and out.shape[0] % b.shape[0] == 0:
-                    b = b.repeat(out.shape[0] // b.shape[0], 1)  # restarts run as one batch
-                if out.shape == b.shape:
-                    f = 0.5 * (out - b).pow(2).sum(dim=1).double().cpu()
-                    self.objective = f.view(-1, self.b.shape[0]).mean(0)
-        self.maybe_write()
-
-    def _objectives(self) -> list[float | None]:
-        if self.objective is None:
-            return [None] * len(self.members)
-        values = []
-        for part in self.objective.split(self.sizes):
-            v = float(part.mean())
-            values.append(v if math.isfinite(v) else None)
-        return values
-
-    def maybe_write(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_write < self.interval:
-            return
-        self.last_write = now
-        stamp = utcnow()
-        stage = min(self.completed + 1, self.stages)
-        rows = {
-            m.job_id: {
-                "stage": stage,
-                "stages": self.stages,
-                "objective": objective,
-                "progress_at": stamp,
-                "heartbeat_at": stamp,
-            }
-            for m, objective in zip(self.members, self._objectives(), strict=True)
-        }
-        touch(self.sessions, self.members, rows)
-        if not _live(self.members):
-            raise JobAborted("job was canceled or re-queued")
-
-
-def _is_transformed(t: torch.Tensor) -> bool:
-    """True for tensors wrapped by torch.func (vmap, jvp, grad)."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
-
-
-class _Hooked:
-    """Stage stream that puts the tracker's forward hook on each stage's generator (once: a
-    stream may hand the same module out again)."""
-
-    def __init__(self, stages: Any, tracker: Tracker) -> None:
-        self.stages, self.tracker = stages, tracker
-
-    def __len__(self) -> int:
-        return len(self.stages)
-
-    def __iter__(self) -> Any:
-        hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # ids get reused
-        for index, step, G in self.stages:
-            if G not in hooked:
-                G.register_forward_hook(self.tracker.on_forward)
-                hooked.add(G)
-            yield index, step, G
-
-
-def _opts(params: dict[str, Any], *names: str) -> dict[str, Any]:
-    """Solver keyword arguments the client set; unset ones keep the solver's defaults."""
-    return {n: params[n] for n in names if params.get(n) is not None}
-
-
-# ---- the job function ----------------------------------------------------------------------
+# Kept importable from here: tests and tools reach the transitions through this module.
+__all__ = [
+    "Heartbeat",
+    "JobAborted",
+    "JobTimedOut",
+    "Member",
+    "_finish",
+    "claim",
+    "embedded_runner",
+    "fail",
+    "on_rq_failure",
+    "pick_device",
+    "prepare_runtime",
+    "run_job",
+    "solve_pass",
+    "warm_store",
+    "worker_name",
+]
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """Run one attempt of job `job_id` (RQ calls this with the id only), together with the
     queued jobs that can share its pass over the trajectory."""
     settings = settings or get_settings()
-    sessions = session_factory(settings.sqlalchemy_url)
-    me = worker_name()
-    attempt = claim(sessions, job_id, me)
-    if attempt is None:
-        log.info("job %s is not queued any more (canceled or taken); skipping", job_id)
-        return {"job_id": job_id, "skipped": True}
-    members = [Member(job_id, attempt)]
-    beat: Heartbeat | None = None
-    try:
-        if settings.coalesce_max_targets > 0:
-            for other in find_companions(sessions, job_id, settings.coalesce_max_targets):
-                other_attempt = claim(sessions, other, me)
-                if other_attempt is not None:
-                    members.append(Member(other, other_attempt))
-        log.info(
-            "job %s: attempt %d on %s%s",
-            job_id,
-            attempt,
-            me,
-            f" with {len(members) - 1} coalesced job(s)" if len(members) > 1 else "",
-        )
-        beat = Heartbeat(sessions, members, settings.heartbeat_interval_s)
-        beat.start()
-        return _execute(sessions, members, settings, beat)
-    except JobAborted as e:
-        log.info("job %s attempt %d stopped: %s", job_id, attempt, e)
-        return {"job_id": job_id, "aborted": str(e)}
-    except JobTimedOut as e:
-        _fail_all(sessions, members, str(e))
-        return {"job_id": job_id, "failed": str(e)}
-    except StoreError as e:
-        _fail_all(sessions, members, f"model store: {e}")
-        return {"job_id": job_id, "failed": str(e)}
-    except (UnknownArchitecture, StateMismatch) as e:
-        # Permanent: another attempt on this worker fails the same way. The message names the
-        # architecture (and what this process has) or the first checkpoint key that misfits.
-        _fail_all(sessions, members, str(e))
-        return {"job_id": job_id, "failed": str(e)}
-    except Exception as e:
-        # Includes RQ's JobTimeoutException; re-raised so RQ records it as well.
-        name = type(e).__name__
-        reason = (
-            f"timed out after {settings.job_timeout_s} s (SURFING_JOB_TIMEOUT_S)"
-            if name == "JobTimeoutException"
-            else f"{name}: {e}"
-        )
-        _fail_all(sessions, members, reason)
-        raise
-    finally:
-        if beat is not None:
-            beat.stop()
+    return run_attempt(session_factory(settings.sqlalchemy_url), job_id, settings, solve_pass)
 
 
-def _fail_all(sessions: sessionmaker[Session], members: list[Member], reason: str) -> None:
-    for m in _live(members):
-        fail(sessions, m.job_id, m.attempt, reason)
+def embedded_runner(settings: Settings) -> Any:
+    """The in-process runner's factory (app.queue.EMBEDDED_RUNNER): set up torch once, then
+    run jobs by id."""
+    prepare_runtime(settings)
+    return lambda job_id: run_job(job_id, settings=settings)
+
+
+def _opts(params: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Solver keyword arguments the client set; unset ones keep the solver's defaults."""
+    return {n: params[n] for n in names if params.get(n) is not None}
 
 
 @dataclass
@@ -518,7 +190,7 @@ def _solve(
     lr_tol = _opts(params, "lr", "tol")
     restarts = int(params.get("restarts") or 4)
     if job.method in ("surf", "hybrid"):
-        stages = _Hooked(generators(store, model_id, stride=stride, device=device), tracker)
+        stages = Hooked(generators(store, model_id, stride=stride, device=device), tracker)
         if job.method == "surf":
             rule = StageRule(rescue_rtol=None) if params.get("rescue") is False else None
             return surf(
@@ -567,12 +239,10 @@ def _solve(
     )
 
 
-def _execute(
-    sessions: sessionmaker[Session],
-    members: list[Member],
-    settings: Settings,
-    beat: Heartbeat,
-) -> dict[str, Any]:
+def solve_pass(
+    sessions: sessionmaker[Session], members: list[Member], settings: Settings, beat: Heartbeat
+) -> PassOutcome:
+    """The solve step of an attempt: one pass for all members, one JobResult per member."""
     started = time.monotonic()
     device = pick_device(settings)
     store = warm_store(settings, device)
@@ -605,7 +275,7 @@ def _execute(
             else None
         )
     parts = split_result(res, job.sizes) if len(members) > 1 else [res]
-    written, lo = [], 0
+    outcomes, lo = [], 0
     for i, (member, part) in enumerate(zip(members, parts, strict=True)):
         hi = lo + job.sizes[i]
         target = job.targets[i]
@@ -635,88 +305,19 @@ def _execute(
             pass_targets=int(job.b.shape[0]),
             reconstruction=arrays.to_npy(mine.detach().cpu().numpy().astype("float32")),
         )
+        stages_total = max(job.stages_total, len(part.trace))  # with this job's rescue stages
+        outcomes.append(Outcome(member, result, stages_total, job.started_at[i]))
         lo = hi
-        if member.lost:
-            continue
-        try:
-            _finish(
-                sessions,
-                member.job_id,
-                member.attempt,
-                max(job.stages_total, len(part.trace)),  # with this job's rescue stages
-                job.started_at[i],
-                result,
-            )
-            written.append(member.job_id)
-        except JobAborted as e:  # this one was canceled at the last moment; the rest stand
-            member.lost = True
-            log.info("job %s attempt %d not written: %s", member.job_id, member.attempt, e)
-    if not written:
-        raise JobAborted(
-            "every job of the pass was canceled or re-queued before its result was written"
-        )
-    log.info(
-        "job %s attempt %d succeeded in %.2f s (%d job(s), %d targets in the pass)",
-        members[0].job_id,
-        members[0].attempt,
-        solve_s,
-        len(members),
-        job.b.shape[0],
+    return PassOutcome(
+        outcomes=outcomes,
+        solve_seconds=solve_s,
+        targets=int(job.b.shape[0]),
+        objective=parts[0].objective.detach().cpu().double().tolist(),
     )
-    return {
-        "job_id": members[0].job_id,
-        "attempt": members[0].attempt,
-        "objective": parts[0].objective.detach().cpu().double().tolist(),
-        "coalesced": [m.job_id for m in members[1:]],
-        "written": written,
-    }
 
 
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
-
-
-def _finish(
-    sessions: sessionmaker[Session],
-    job_id: str,
-    attempt: int,
-    stages_total: int,
-    started_at: Any,
-    result: JobResult,
-) -> None:
-    """Status and result in one transaction, only for the current attempt (idempotent)."""
-    now = utcnow()
-    mean = [v for v in result.objective if v is not None]
-    with sessions() as s:
-        res = s.execute(
-            update(Job)
-            .where(*_guard(job_id, attempt))
-            .values(
-                status=JobStatus.succeeded.value,
-                finished_at=now,
-                heartbeat_at=now,
-                progress_at=now,
-                stage=stages_total,
-                stages=stages_total,
-                objective=sum(mean) / len(mean) if mean else None,
-                run_seconds=(now - started_at).total_seconds() if started_at else None,
-                error=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if not res.rowcount:  # type: ignore[attr-defined]
-            s.rollback()
-            raise JobAborted("job was canceled or re-queued before its result was written")
-        existing = s.get(JobResult, job_id)
-        if existing is not None:
-            if existing.attempt > attempt:  # cannot happen with the guard; belt and braces
-                s.rollback()
-                raise JobAborted("a newer attempt already wrote the result")
-            s.delete(existing)
-            s.flush()
-        s.add(result)
-        s.commit()
 
 
 def on_rq_failure(job: Any, connection: Any, exc_type: Any, value: Any, tb: Any) -> None:
@@ -736,7 +337,6 @@ def on_rq_failure(job: Any, connection: Any, exc_type: Any, value: Any, tb: Any)
     name = getattr(exc_type, "__name__", str(exc_type))
     if name == "AbandonedJobError":
         from app.queue import RQJobQueue
-        from app.services.reaper import reap_stale_jobs
 
         reap_stale_jobs(sessions, RQJobQueue(settings), settings, job_id=job_id)
         return
@@ -744,21 +344,3 @@ def on_rq_failure(job: Any, connection: Any, exc_type: Any, value: Any, tb: Any)
     if name == "JobTimeoutException":
         reason = f"timed out after {job.timeout} s (SURFING_JOB_TIMEOUT_S)"
     fail(sessions, job_id, None, reason, queue_ref=job.id)
-
-
-def prepare_runtime(settings: Settings) -> torch.device:
-    """Worker start-up: thread count, TF32 and device (logged once, so deployments can check)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    torch.backends.cudnn.allow_tf32 = settings.tf32
-    device = pick_device(settings)
-    log.info(
-        "surfing worker: device %s%s, torch %s, %d threads, TF32 convolutions %s, CUDA graphs %s",
-        device,
-        f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
-        torch.__version__,
-        torch.get_num_threads(),
-        settings.tf32,
-        settings.cuda_graphs,
-    )
-    return device

@@ -4,6 +4,10 @@ It is a `SimpleWorker`: jobs run in the worker process itself, never in a fork, 
 process that has initialised CUDA cannot safely fork, and forking per job would also throw
 away the warm checkpoint cache. RQ's job timeout (`SURFING_JOB_TIMEOUT_S`) still applies
 (SIGALRM in the main thread), and run_job checks the same deadline between generator calls.
+
+Beside the RQ loop, two daemon threads: the housekeeper (re-queue stale jobs, enqueue queued
+rows missing from Redis: `app.lifecycle`) and a presence beat, so /readyz counts this worker
+only while it is alive.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import socket
 import uuid
 
 from app.db import session_factory
+from app.lifecycle import Housekeeper, Reconciler, grace_s, reap_stale_jobs
+from app.lifecycle.presence import PresenceBeat
 from app.queue import RQJobQueue
-from app.services.reaper import PeriodicReaper, reap_stale_jobs
 from app.settings import get_settings
 
 log = logging.getLogger("surfing.worker")
@@ -25,7 +30,7 @@ def run_worker(burst: bool = False) -> None:
     """Drain the queue named by SURFING_QUEUE_NAME on REDIS_URL (for ever, or until empty)."""
     from rq import SimpleWorker
 
-    from worker.jobs import prepare_runtime
+    from worker.runtime import prepare_runtime
 
     logging.basicConfig(
         level=os.environ.get("SURFING_LOG_LEVEL", "INFO"),
@@ -43,11 +48,21 @@ def run_worker(burst: bool = False) -> None:
     queue.ping()
     # Jobs of a worker that died while we were down: re-queue or fail them before starting.
     reap_stale_jobs(sessions, queue, settings)
-    reaper = PeriodicReaper(sessions, queue, settings).start()
+    # ... and queued rows whose Redis entry is gone (a flushed or restarted Redis).
+    Reconciler(sessions, queue, grace_s(settings)).run()
+    housekeeper = Housekeeper(sessions, queue, settings).start()
     name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    presence = PresenceBeat(
+        queue.redis,
+        settings.queue_name,
+        name,
+        interval=settings.heartbeat_interval_s,
+        ttl_s=settings.stale_after_s,
+    ).start()
     worker = SimpleWorker([queue.queue], connection=queue.redis, name=name)
     log.info("worker %s listening on queue %r (burst=%s)", name, settings.queue_name, burst)
     try:
         worker.work(burst=burst, logging_level=os.environ.get("SURFING_LOG_LEVEL", "INFO"))
     finally:
-        reaper.stop()
+        housekeeper.stop()
+        presence.stop()

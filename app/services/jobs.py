@@ -10,20 +10,19 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from app import arrays
-from app.db import utcnow
+from app import arrays, lifecycle
 from app.models import ACTIVE, Job, JobInput, JobKind, JobResult, JobStatus
 from app.problems import InvalidInput, NotFound, Problem
-from app.queue import JobQueue, QueueUnavailable
+from app.queue import JobQueue
 from app.schemas import MatrixSeed, SolveOptions
 from app.settings import Settings
 from models_store import (
@@ -45,6 +44,9 @@ MATRIX_GENERATOR = (
 
 # An uploaded or JSON array: raw bytes (.npy/PNG/JPEG), a base64 string, or a nested list.
 RawArray = bytes | str | list[Any]
+# Called with the finished row just before its commit (app.services.admission.Gate: quotas,
+# owner, idempotency key); raising refuses the job.
+Admit = Callable[[Session, Job], None]
 
 
 def load_manifest(store: ModelStore, model_id: str) -> Manifest:
@@ -128,19 +130,12 @@ def _new_job(
     return job
 
 
-def submit(session: Session, queue: JobQueue, job: Job) -> Job:
-    """Commit the row, then enqueue it; a queue outage fails the job and answers 503."""
-    session.add(job)
-    session.commit()
-    try:
-        job.queue_ref = queue.enqueue(job.id)
-    except QueueUnavailable as e:
-        job.status = JobStatus.failed.value
-        job.error = f"could not be queued: {e}"
-        session.commit()
-        raise Problem(503, f"the job queue is unavailable ({e}); try again later") from None
-    session.commit()
-    return job
+def submit(session: Session, queue: JobQueue, job: Job, admit: Admit | None = None) -> Job:
+    """Commit the row as `queued`, then try to enqueue it (app.lifecycle.outbox): with the
+    queue down the job is still accepted, and the reconciler enqueues it once Redis is back."""
+    if admit is not None:
+        admit(session, job)
+    return lifecycle.submit(session, queue, job)
 
 
 def create_invert_job(
@@ -152,6 +147,7 @@ def create_invert_job(
     options: SolveOptions,
     image: RawArray,
     source: str,
+    admit: Admit | None = None,
 ) -> Job:
     """Validate an /invert request and queue it."""
     manifest = load_manifest(store, model_id)
@@ -170,7 +166,7 @@ def create_invert_job(
         target=arrays.to_npy(target), x_init=None if x0 is None else arrays.to_npy(x0)
     )
     job = _new_job(JobKind.invert, manifest, options, batch, params, inputs, settings)
-    return submit(session, queue, job)
+    return submit(session, queue, job, admit)
 
 
 def check_m(m: int, n: int, field: str = "m") -> None:
@@ -245,6 +241,7 @@ def create_cs_job(
     matrix: MatrixSeed | RawArray,
     true_image: RawArray | None,
     source: str,
+    admit: Admit | None = None,
 ) -> Job:
     """Validate a /cs-recover request and queue it."""
     manifest = load_manifest(store, model_id)
@@ -286,18 +283,23 @@ def create_cs_job(
         x_init=None if x0 is None else arrays.to_npy(x0),
     )
     job = _new_job(JobKind.cs, manifest, options, batch, params, inputs, settings)
-    return submit(session, queue, job)
+    return submit(session, queue, job, admit)
 
 
 # ---- reading and canceling ------------------------------------------------------------------
 
 
-def get_job(session: Session, job_id: str, with_result: bool = True) -> Job:
+def get_job(
+    session: Session, job_id: str, with_result: bool = True, owner: str | None = None
+) -> Job:
+    """The job, or 404; with `owner` set, another key's job is 404 too (app.auth)."""
     try:
         uuid.UUID(job_id)
     except ValueError:
         raise NotFound(f"no job {job_id!r} (job ids are UUIDs)") from None
     stmt = select(Job).where(Job.id == job_id)
+    if owner is not None:
+        stmt = stmt.where(Job.owner_key_id == owner)
     if with_result:
         stmt = stmt.options(selectinload(Job.result))
     job = session.scalars(stmt).one_or_none()
@@ -306,33 +308,20 @@ def get_job(session: Session, job_id: str, with_result: bool = True) -> Job:
     return job
 
 
-def cancel_job(session: Session, queue: JobQueue, job_id: str) -> Job:
+def cancel_job(session: Session, queue: JobQueue, job_id: str, owner: str | None = None) -> Job:
     """Mark a queued or running job canceled; its worker notices and stops writing.
 
     The status is the cancellation: a worker only claims `queued` rows and only writes while
     its row is `running` with its attempt, so nothing can resurrect the job afterwards.
     """
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner=owner)
     if job.status not in ACTIVE:
         raise Problem(
             409,
             f"job {job_id} is already {job.status}; only queued or running jobs can be canceled",
             status_now=job.status,
         )
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE))
-        .values(
-            status=JobStatus.canceled.value,
-            finished_at=now,
-            error="canceled by client",
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if res.rowcount == 0:  # type: ignore[attr-defined]
+    if not lifecycle.cancel(session, job_id):
         session.refresh(job)
         raise Problem(409, f"job {job_id} finished meanwhile ({job.status})")
     queue.discard(job.queue_ref)

@@ -16,7 +16,9 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """No I/O, and `async` so it runs on the event loop: it never waits for the thread pool,
+    which requests blocked on a dependency may fill."""
     return {"status": "ok"}
 
 
@@ -42,10 +44,13 @@ def _checks(request: Request) -> dict[str, dict[str, Any]]:
     except Exception as e:
         checks["queue"] = {"ok": False, "kind": state.queue.kind, "error": str(e)}
     try:
-        n = state.queue.workers()
+        n = state.queue.workers()  # only workers whose heartbeat is fresh (app.lifecycle.presence)
         checks["workers"] = {"ok": n >= 1, "count": n}
         if n < 1:
-            checks["workers"]["error"] = "no worker is serving the queue (start `surfing worker`)"
+            checks["workers"]["error"] = (
+                "no live worker is serving the queue (none beat within SURFING_STALE_AFTER_S; "
+                "start `surfing worker`)"
+            )
     except Exception as e:
         checks["workers"] = {"ok": False, "error": str(e)}
     return checks
