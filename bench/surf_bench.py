@@ -129,6 +129,7 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
     types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
     types["rescue_rtol"] = float  # optional: "none" turns the rescue off
     types["head_steps"] = int  # optional: "none" = the call's steps
+    types["latent_radius"] = float  # optional: "none" = unbounded
     changes: dict[str, object] = {}
     graphs = False
     for item in filter(None, opts.split(",")):

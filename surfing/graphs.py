@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from surfing.lm import gauss_newton_step, jacobian, objective, residual
+from surfing.lm import gauss_newton_step, into_ball, jacobian, objective, residual
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as adam_descent uses
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuDNN/autograd set-up)
@@ -156,9 +156,10 @@ class GraphedLMStage(_Replayed):
         trials: int = 1,
         lam: float = 1e-3,
         ftol: float = 1e-12,
+        radius: float | None = None,
     ) -> None:
         super().__init__(G, b, A, k)
-        self.trials, self.lam0, self.ftol = trials, float(lam), ftol
+        self.trials, self.lam0, self.ftol, self.radius = trials, float(lam), ftol, radius
         self.x_out = torch.zeros_like(self.x)
         self.f_out = torch.zeros(b.shape[0], dtype=b.dtype, device=b.device)
         self.active = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
@@ -176,7 +177,7 @@ class GraphedLMStage(_Replayed):
             x_new, f_new, tried = self.x.clone(), f.clone(), torch.zeros_like(f)
             for _ in range(self.trials):
                 step, _ = gauss_newton_step(J, r, lam)
-                x_try = self.x + step
+                x_try = into_ball(self.x + step, self.radius)
                 f_try = 0.5 * residual(self.G, x_try, self.b, self.A).pow(2).sum(1)
                 ok = searching & (f_try < f)
                 x_new = torch.where(ok[:, None], x_try, x_new)

@@ -40,6 +40,19 @@ def objective(
     return 0.5 * residual(G, x, b, A).pow(2).sum(dim=1)
 
 
+def into_ball(x: torch.Tensor, radius: float | None) -> torch.Tensor:
+    """x scaled back onto the ball ||x|| <= radius (per target); None: unchanged.
+
+    A Gauss–Newton step is as long as the network is flat in x: on an early checkpoint, or
+    for a target off the range of G (a sigmoid output reaches 0 only at infinity), it can send
+    the latent to ||x|| ~ 1e4-1e7, from where no later stage brings it back.
+    """
+    if radius is None:
+        return x
+    norm = x.norm(dim=1, keepdim=True)
+    return x * (radius / norm.clamp_min(radius))
+
+
 # On a CPU the tangent passes of ~25 targets (k = 10: ~275 rows) fit the caches; one pass over
 # all of them at 100 targets (1,100 rows) ran ~15 % slower per row. A GPU wants big batches.
 CPU_JACOBIAN_ROWS = 256
@@ -116,6 +129,7 @@ def levenberg_marquardt(
     ftol: float = 1e-12,
     lam: float = 1e-3,
     max_accepts: int | None = None,
+    radius: float | None = None,
 ) -> LMResult:
     """Minimise 1/2||A G(x) - b||^2 per target by damped Gauss–Newton from x.
 
@@ -124,7 +138,8 @@ def levenberg_marquardt(
     step is shorter than `xtol` (its latent no longer moves), when f < `ftol`, or after
     `max_iters` trial steps, or (with `max_accepts`) after that many accepted steps -- one
     surfing stage takes a single accepted step, retrying a rejected one with more damping on
-    the same Jacobian. Cost is reported in forward+backward equivalents (a forward pass
+    the same Jacobian. Trial points are kept in the ball ||x|| <= `radius` (`into_ball`).
+    Cost is reported in forward+backward equivalents (a forward pass
     counts 1/2): a Jacobian is one primal plus k tangent passes, (1 + k)/2; a trial point 1/2.
     The residual at the start comes from the first Jacobian's primal pass.
     """
@@ -165,7 +180,8 @@ def levenberg_marquardt(
             iters[fresh.cpu()] += 1
             forwards[fresh.cpu()] += 1 + k
         step, _ = gauss_newton_step(Jall[idx], r[idx], lam_t[idx])
-        x_try = x[idx] + step
+        x_try = into_ball(x[idx] + step, radius)
+        step = x_try - x[idx]
         with torch.no_grad():
             r_try = residual(G, x_try, b[idx], A)
         forwards[idx.cpu()] += 1
@@ -222,6 +238,7 @@ def track_step(
     broyden: bool = True,
     lam: float = 1e-3,
     xtol: float = 1e-6,
+    radius: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrackState, torch.Tensor]:
     """One checkpoint of the stride schedule: per target, skip, a chord step, or an LM step.
 
@@ -271,8 +288,8 @@ def track_step(
         chord = ~skip & (state.age[idx] < max_age)
         ci = idx[chord]
         if ci.numel():
-            d = step[chord]
-            x_try = x[ci] + d
+            x_try = into_ball(x[ci] + step[chord], radius)
+            d = x_try - x[ci]
             with torch.no_grad():
                 r_try = residual(G, x_try, b[ci], A)
             cost[ci.cpu()] += 0.5
@@ -291,7 +308,9 @@ def track_step(
             action[ci[~ok].cpu()] = CHORD_THEN_FRESH
     fresh = need.nonzero().squeeze(1)
     if fresh.numel():
-        res = levenberg_marquardt(G, x[fresh], b[fresh], A, max_iters=1, xtol=xtol, lam=lam)
+        res = levenberg_marquardt(
+            G, x[fresh], b[fresh], A, max_iters=1, xtol=xtol, lam=lam, radius=radius
+        )
         x[fresh], f[fresh] = res.x, res.objective
         cost[fresh.cpu()] += res.evals.double().cpu()
         got = (res.iters > 0).to(fresh.device)

@@ -228,7 +228,14 @@ class StageRule:
     # an Adam step moves each coordinate by at most about `lr`. Measured on four trajectories
     # in docs/performance.md, section "Session 6" (m = 50: 11-40 % without, 35-100 % with).
     head_stages: int = 1
+    # Levenberg–Marquardt keeps every latent in the ball ||x|| <= latent_radius * sqrt(k)
+    # (surfing.lm.into_ball); None: unbounded. Both priors put x* well inside 3 sqrt(k).
+    latent_radius: float | None = None
     head_steps: int | None = None
+
+    def radius(self, k: int) -> float | None:
+        """The latent ball Levenberg–Marquardt stays in, for latent dimension k."""
+        return None if self.latent_radius is None else self.latent_radius * math.sqrt(k)
 
 
 def adam_stage(
@@ -290,7 +297,10 @@ def _lm_stage(
     rule: StageRule,
     accepts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    res = levenberg_marquardt(G, x, b, A, max_iters=iters, xtol=rule.lm_xtol, max_accepts=accepts)
+    res = levenberg_marquardt(
+        G, x, b, A, max_iters=iters, xtol=rule.lm_xtol, max_accepts=accepts,
+        radius=rule.radius(x.shape[1]),
+    )
     return res.x, res.objective, res.evals
 
 
@@ -368,7 +378,9 @@ def _surf_pass(
                 x, f, c = _lm_stage(G, x, b, A, rule.lm_iters, rule)
             elif schedule == "lm" and opts.graphs and rule.lm_stage_iters == 1:
                 trials = rule.lm_stage_trials
-                lm_runner = lm_runner or GraphedLMStage(G, b, A, x.shape[1], trials)
+                lm_runner = lm_runner or GraphedLMStage(
+                    G, b, A, x.shape[1], trials, radius=rule.radius(x.shape[1])
+                )
                 x, f, c = lm_runner.step(G, x)
             elif schedule == "lm":
                 trials = max(rule.lm_stage_trials, rule.lm_stage_iters)
@@ -385,6 +397,7 @@ def _surf_pass(
                     eta=rule.reuse_eta,
                     broyden=rule.reuse_broyden,
                     xtol=rule.lm_xtol,
+                    radius=rule.radius(x.shape[1]),
                 )
             else:
                 cap = opts.final_steps if last else steps
