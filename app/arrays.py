@@ -152,6 +152,11 @@ def decode_picture(
     c, h, w = (int(s) for s in shape)
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        # PIL refuses > 2 * Image.MAX_IMAGE_PIXELS (~179 M) already in open(): still our cap.
+        raise InvalidInput(
+            f"{what} declares too many pixels ({e}); the limit is {max_pixels}", field=what
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InvalidInput(f"{what} cannot be decoded as PNG or JPEG ({e})", field=what) from None
     if im.format not in ("PNG", "JPEG"):

@@ -6,17 +6,25 @@ the embedded mode can create its SQLite file on first start.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC_INI = REPO_ROOT / "alembic.ini"
@@ -110,14 +118,67 @@ def ensure_sqlite_dir(url: str) -> bool:
     return True
 
 
-def make_engine(url: str) -> Engine:
-    """A new engine; SQLite gets thread-sharing and the pragmas above."""
+def pg_connect_args(settings: Settings) -> dict[str, Any]:
+    """libpq parameters that bound time: connect timeout, server-side statement timeout, and
+    TCP keepalives / user timeout, which notice a peer that vanished (host down, network cut)."""
+    return {
+        "connect_timeout": max(2, math.ceil(settings.db_connect_timeout_s)),  # libpq's minimum
+        "options": f"-c statement_timeout={int(settings.db_statement_timeout_s * 1000)}",
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(settings.db_statement_timeout_s * 1000),
+    }
+
+
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
+    """A new engine; SQLite gets thread-sharing and the pragmas above, PostgreSQL the time
+    bounds of `settings` (default: the environment's)."""
     url = normalize_url(url)
     if ensure_sqlite_dir(url):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    if settings is None:
+        from app.settings import get_settings
+
+        settings = get_settings()
+    connect_args = pg_connect_args(settings)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=settings.db_pool_timeout_s,
+        connect_args=connect_args,
+    )
+    if engine.dialect.driver == "psycopg2":
+        _bound_waits(engine, connect_args, settings)
+    return engine
+
+
+def _bound_waits(engine: Engine, connect_args: dict[str, Any], settings: Settings) -> None:
+    """Route psycopg2's waiting through app.dbwait, which also sees a frozen server."""
+    from app import dbwait
+
+    dbwait.install(
+        dbwait.Limits(
+            connect_s=settings.db_connect_timeout_s,
+            statement_s=settings.db_statement_timeout_s + 1.0,
+            probe_s=settings.db_probe_timeout_s,
+        )
+    )
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    cparams = {**cparams, **connect_args}
+
+    def probe_connection() -> Any:
+        return engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbwait.register(dbapi_conn, probe_connection)
+
+    event.listen(engine, "connect", on_connect)
 
 
 def get_engine(url: str) -> Engine:
@@ -137,8 +198,24 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
+class SafeCloseSession(Session):
+    """A session whose close() survives a database that went away meanwhile.
+
+    close() rolls back the open transaction; on a dead connection that raises, and in the API
+    it runs after the response was sent (a dependency's exit), where raising resets the
+    client's connection. The connections are invalidated instead: the pool drops them.
+    """
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except DBAPIError as e:
+            log.warning("session closed on a lost connection: %s", str(e).partition("\n")[0])
+            self.invalidate()
+
+
 def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    return sessionmaker(get_engine(url), class_=SafeCloseSession, expire_on_commit=False)
 
 
 @contextmanager

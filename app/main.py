@@ -2,7 +2,7 @@
 
 `create_app(settings)` wires settings, the db session factory, the models store and the
 queue onto app.state; the lifespan migrates the embedded SQLite database, starts the queue
-(the in-process runner in embedded mode) and the periodic reaper.
+(the in-process runner in embedded mode) and the housekeeper (reaper + queue reconciler).
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from app.api import api_router
+from app.auth import install as install_auth
 from app.db import session_factory, upgrade_database
+from app.lifecycle import Housekeeper, reap_stale_jobs, requeue_orphans
 from app.metrics import Metrics
 from app.middleware import BodySizeLimit, RequestMetrics
+from app.openapi_docs import finish_openapi
 from app.problems import install_handlers
-from app.queue import make_queue
+from app.queue import RunnerFactory, make_queue
 from app.schemas import CSRecoverRequest, InvertRequest
 from app.services.model_admin import UPLOAD_ROUTES, sweep_stale_uploads
-from app.services.reaper import PeriodicReaper, reap_stale_jobs, requeue_orphans
 from app.settings import Settings, get_settings
 from models_store import ModelStore
 
@@ -71,15 +73,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for name, sub in js.pop("$defs", {}).items():
             components.setdefault(name, sub)
         components[model.__name__] = js
-    app.openapi_schema = schema
+    app.openapi_schema = finish_openapi(schema)
     return schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A configured app; with no argument, settings come from the environment."""
+def create_app(settings: Settings | None = None, runner: RunnerFactory | None = None) -> FastAPI:
+    """A configured app; with no argument, settings come from the environment. `runner`
+    builds the embedded job runner (default: app.queue.load_runner())."""
     settings = settings or get_settings()
     sessions = session_factory(settings.sqlalchemy_url)
-    queue = make_queue(settings)
+    queue = make_queue(settings, runner)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Nothing of a previous process can still be running: settle its jobs now.
             await run_in_threadpool(reap_stale_jobs, sessions, queue, settings, assume_dead=True)
             await run_in_threadpool(requeue_orphans, sessions, queue)
-        reaper = PeriodicReaper(sessions, queue, settings).start()
+        reaper = Housekeeper(sessions, queue, settings).start()
         log.info(
             "surfing API: database %s, queue %s, models %s",
             settings.sqlalchemy_url.split("@")[-1],
@@ -117,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.schema_head = schema_head()
     app.state.metrics = Metrics(sessions, lambda: app.state.queue)
     install_handlers(app)
+    install_auth(app, settings)
     app.include_router(api_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # add_middleware wraps what is there: RequestMetrics (added last) is outermost, so it also
@@ -136,7 +140,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    settings = get_settings()
+    settings = get_settings().model_copy(update={"bind_host": host})  # for auth=auto
     store = ModelStore(settings.models_dir)
     if not store.list_models():
         log.warning(

@@ -2,7 +2,8 @@
 
 Services raise `Problem` (or a subclass) with a message that says what is wrong; the handlers
 here turn it, FastAPI's validation errors and Starlette's HTTP errors into problem bodies.
-Unexpected exceptions become a 500 problem without internals (they are logged instead).
+Unexpected exceptions become a 500 problem without internals (they are logged instead); a
+database or Redis that is down or not answering becomes a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import exceptions as redis_exc
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,11 @@ class Problem(Exception):
         *,
         title: str | None = None,
         type_: str = "about:blank",
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(detail)
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429 or 503
         self.status = status
         self.detail = detail
         self.title = title or _TITLES.get(status, "Error")
@@ -85,12 +91,51 @@ class TooLarge(Problem):
         super().__init__(413, detail, **extra)
 
 
+def dependency_down(exc: BaseException) -> bool:
+    """True for errors that mean PostgreSQL or Redis is down, frozen or overloaded (not a bug):
+    connection refused or lost, a connect/statement/pool timeout, a Redis socket timeout."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.TimeoutError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return bool(exc.connection_invalidated)
+    return isinstance(exc, (redis_exc.ConnectionError, redis_exc.TimeoutError))
+
+
+def unavailable(retry_after: int, instance: str | None = None) -> JSONResponse:
+    """503 with Retry-After: a dependency is down; the request may simply be repeated."""
+    response = problem_response(
+        Problem(503, "a backing service (database or queue) is not answering; try again later"),
+        instance,
+    )
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _allowed_methods(request: Request) -> str:
+    """Allow for a 405: the methods of *every* route on this path (Starlette names only the
+    first route that matched, e.g. GET for /jobs/{id}, which also has DELETE)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
+def _retry_after(request: Request) -> int:
+    return int(getattr(getattr(request.app.state, "settings", None), "retry_after_s", 5))
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0][:200]}"
+
+
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
     return JSONResponse(
         jsonable_encoder(problem.body(instance)),
         status_code=problem.status,
         media_type=PROBLEM_JSON,
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", **problem.headers},
     )
 
 
@@ -113,7 +158,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc, request.url.path)
+        response = problem_response(exc, request.url.path)
+        if exc.status == 503 and "retry-after" not in response.headers:
+            response.headers["Retry-After"] = str(_retry_after(request))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -125,7 +173,20 @@ def install_handlers(app: FastAPI) -> None:
         response = problem_response(problem, request.url.path)
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            response.headers["Allow"] = _allowed_methods(request)
         return response
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    @app.exception_handler(sa_exc.DBAPIError)
+    @app.exception_handler(redis_exc.ConnectionError)
+    @app.exception_handler(redis_exc.TimeoutError)
+    async def _dependency(request: Request, exc: Exception) -> JSONResponse:
+        if not dependency_down(exc):
+            return await _unexpected(request, exc)
+        log.warning("%s %s: %s", request.method, request.url.path, _first_line(exc))
+        return unavailable(_retry_after(request), request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

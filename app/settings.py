@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,15 +44,66 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4_000_000, ge=1, description="width*height cap (PNG/JPEG).")
     max_batch: int = Field(64, ge=1, description="Most targets one job may carry.")
 
-    # Model administration (POST/DELETE /models): off until an operator turns it on, since the
-    # API has no user credentials yet; with a token set, requests must carry it as a Bearer.
-    model_admin: bool = Field(False, description="Enable POST /models and DELETE /models/{id}.")
+    # Model administration (POST/DELETE /models): with auth on, admin-scope API keys may do it;
+    # with auth off (the local embedded mode) only once an operator turns it on here, and then
+    # only with the token as a Bearer if one is set.
+    model_admin: bool = Field(
+        False, description="With auth off: enable POST /models and DELETE /models/{id}."
+    )
     admin_token: SecretStr | None = Field(
-        None, description="If set, the admin endpoints require `Authorization: Bearer <token>`."
+        None, description="With auth off: the admin endpoints require `Bearer <token>` if set."
     )
     max_model_upload_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Cap on a POST /models archive (and on its contents)."
     )
+
+    # Credentials (app.auth): API keys from `surfing keys create`, sent as a Bearer token.
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto: off only in the embedded mode (no Redis, SQLite) bound to a loopback "
+        "host; on everywhere else.",
+    )
+    bind_host: str = Field(
+        "127.0.0.1",
+        description="The address the API listens on (`surfing serve --host` sets it); "
+        "auth=auto reads it. Set it when starting uvicorn yourself.",
+    )
+    # Admission control (app.services.admission): over a limit -> 429 with Retry-After.
+    rate_limit_per_min: float = Field(
+        60.0, ge=0, description="Job-creating POSTs per key per minute, per API process (0 = off)."
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="Submissions a key may make at once.")
+    max_active_jobs_per_key: int = Field(
+        20, ge=1, description="Queued + running jobs one key may have."
+    )
+    max_queued_jobs: int = Field(1000, ge=1, description="Queued jobs of all keys together.")
+    max_job_evals: int = Field(
+        20_000_000,
+        ge=1,
+        description="Per-job compute cap: generator evaluations x targets the request may "
+        "spend (steps, stages, restarts; app.services.admission.estimate_evals).",
+    )
+    admission_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After of a 429 for a full quota or queue."
+    )
+
+    # Bounded time: a stopped or frozen PostgreSQL/Redis gives a fast 503, never a hang.
+    db_connect_timeout_s: float = Field(3.0, gt=0, description="Opening a db connection.")
+    db_statement_timeout_s: float = Field(
+        10.0, gt=0, description="Server-side cap per SQL statement; the client waits 1 s more."
+    )
+    db_pool_timeout_s: float = Field(3.0, gt=0, description="Wait for a free pooled connection.")
+    db_probe_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="A call kept waiting starts a probe (fresh connection + SELECT 1) with this "
+        "deadline; while PostgreSQL does not answer it, calls give up at once (app.dbwait).",
+    )
+    redis_connect_timeout_s: float = Field(1.5, gt=0, description="Opening a Redis connection.")
+    redis_socket_timeout_s: float = Field(
+        1.5, gt=0, description="Per Redis command (RQ raises it for a worker's blocking pop)."
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 for a dependency down.")
 
     # Job execution.
     job_timeout_s: int = Field(3600, ge=1, description="Hard wall-clock limit per attempt.")

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
 python3 -m ruff check .
+bash scripts/clean_install_check.sh  # fresh venv: declared dependencies only (~2 min)
 python3 -m pytest -q -p no:cacheprovider "$@"

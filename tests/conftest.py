@@ -1,9 +1,10 @@
 """Shared fixtures for the service tests: tiny trajectories, PostgreSQL and Redis.
 
-PostgreSQL and Redis are expected on 127.0.0.1 (override with SURFING_TEST_PG_URL, an admin
-URL whose server we may create databases on, and SURFING_TEST_REDIS_URL). When they are not
-reachable the tests that need them are skipped, unless SURFING_REQUIRE_SERVICES=1 (CI), which
-turns the skip into a failure.
+PostgreSQL and Redis are tried on 127.0.0.1 first (override with SURFING_TEST_PG_URL, an admin
+URL whose server we may create databases on, and SURFING_TEST_REDIS_URL). When they refuse us
+(a fresh Debian PostgreSQL does not trust 127.0.0.1), the tests start throwaway servers of their
+own (tests/throwaway.py). Only when that fails too are the tests that need them skipped, or
+failed under SURFING_REQUIRE_SERVICES=1 (CI).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from app.db import normalize_url, session_factory, upgrade_database
 from app.settings import Settings
 from models_store import ModelStore
 from tests.helpers import FakeQueue
+from tests.throwaway import PostgresServer, RedisServer
 
 PG_ADMIN_URL = normalize_url(
     os.environ.get("SURFING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -122,20 +124,43 @@ def _unavailable(what: str, why: object) -> None:
     pytest.skip(msg)
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> str:
-    """Admin URL of a reachable PostgreSQL server."""
+def _pg_usable(url: str) -> Exception | None:
+    """None if we can log in to `url` and create databases there, else why not."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(PG_ADMIN_URL, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(
+        url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3}
+    )
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
+            can = conn.execute(
+                sa.text("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+            ).scalar()
+        return None if can else PermissionError("the test role may not create databases")
     except Exception as e:
-        _unavailable("PostgreSQL", e)
+        return e
     finally:
         engine.dispose()
-    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """Admin URL of a PostgreSQL server we may create databases on: the configured one
+    (SURFING_TEST_PG_URL, default 127.0.0.1:5432) if it lets us in, else a throwaway cluster of
+    our own (initdb in a temp folder, trust auth, free loopback port), removed at the end."""
+    why = _pg_usable(PG_ADMIN_URL)
+    if why is None:
+        yield PG_ADMIN_URL
+        return
+    try:
+        server = PostgresServer().start()
+    except Exception as e:
+        _unavailable("PostgreSQL", f"{why}; no throwaway cluster either: {e}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def create_pg_database(admin_url: str) -> str:
@@ -174,14 +199,24 @@ def pg_database(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
+    """The configured Redis (SURFING_TEST_REDIS_URL) if it answers, else a throwaway one."""
     from redis import Redis
 
     try:
-        Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
+        yield REDIS_URL
+        return
     except Exception as e:
-        _unavailable("Redis", e)
-    return REDIS_URL
+        why = e
+    try:
+        server = RedisServer().start()
+    except Exception as e:
+        _unavailable("Redis", f"{why}; no throwaway server either: {e}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture
