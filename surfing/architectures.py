@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surfing.nets import ExpansiveReLUNet, InfoGANGenerator
+from surfing.nets import ConvGenerator, ExpansiveReLUNet, InfoGANGenerator
 
 ENTRY_POINT_GROUP = "surfing.architectures"
 Factory = Callable[[dict[str, Any]], nn.Module]
@@ -40,7 +40,16 @@ def _relu(arch: dict[str, Any]) -> nn.Module:
     return ExpansiveReLUNet(int(arch["latent_dim"]), list(arch["hidden"]), int(arch["out_dim"]))
 
 
-BUILTINS: dict[str, Factory] = {"infogan": _infogan, "relu": _relu}
+def _conv(arch: dict[str, Any]) -> nn.Module:
+    return ConvGenerator(
+        int(arch["latent_dim"]),
+        int(arch["channels"]),
+        int(arch["size"]),
+        float(arch.get("width", 1.0)),
+    )
+
+
+BUILTINS: dict[str, Factory] = {"infogan": _infogan, "relu": _relu, "conv": _conv}
 _registered: dict[str, Factory] = {}
 
 

@@ -17,7 +17,7 @@ def _store(args: argparse.Namespace):  # -> ModelStore (import kept local for st
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from surfing.data import load_fashion_mnist
+    from surfing.data import dataset_name, load_fashion_mnist, load_images
     from surfing.train import TrainConfig, save_sample_grid, train
     from surfing.trajectory import final_generator
 
@@ -28,13 +28,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         every=args.every,
         width=args.width,
+        batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
         max_steps=args.max_steps,
+        arch=args.arch or ("conv" if args.data else "infogan"),
     )
     store = _store(args)
-    images, _ = load_fashion_mnist("train", args.data_dir)
-    summary = train(cfg, store, args.id, images=images, device=args.device)
+    if args.data:
+        images = load_images(args.data, args.image_size, args.channels)
+        dataset = dataset_name(args.data)
+    elif args.image_size or args.channels:
+        raise ValueError("--image-size and --channels apply to --data (your own images)")
+    else:
+        images, _ = load_fashion_mnist("train", args.data_dir)
+        dataset = "fashion-mnist"
+    summary = train(cfg, store, args.id, images=images, device=args.device, dataset=dataset)
     manifest = store.manifest(args.id)
     size = sum(c.bytes for c in manifest.checkpoints)
     G = final_generator(store, args.id)
@@ -50,6 +59,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "model_id": args.id,
+                "arch": manifest.arch,
+                "output_shape": manifest.output_shape,
+                "dataset": manifest.dataset,
                 "steps": summary["steps"],
                 "seconds": round(summary["seconds"], 1),
                 "checkpoints": len(manifest.checkpoints),
@@ -80,48 +92,84 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo: {summary['steps']} steps in {summary['seconds']:.0f}s")
 
 
+def _invert_target(path: str, shape: list[int], value_range: list[float]) -> torch.Tensor:
+    """The target as (1, *shape) in the model's value range: a PNG/JPEG (colour and size
+    converted to a C x H x W model), or a .npy array of exactly the model's output shape."""
+    import numpy as np
+
+    if Path(path).suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if list(arr.shape) not in (list(shape), [1, *shape]):
+            raise ValueError(f"{path} has shape {list(arr.shape)}; the model expects {shape}")
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(1, *shape)
+    from surfing.images import load_image
+
+    lo, hi = value_range
+    return (lo + (hi - lo) * load_image(path, shape)).unsqueeze(0)
+
+
 def cmd_invert(args: argparse.Namespace) -> None:
-    from surfing.images import load_png, to_png
+    import numpy as np
+
+    from surfing.images import to_png
+    from surfing.latents import sample_latents
     from surfing.measure import gaussian_matrix, measure
-    from surfing.solvers import direct, surf, uniform_latents
+    from surfing.solvers import direct, surf
     from surfing.trajectory import final_generator, generators
 
     store = _store(args)
     manifest = store.manifest(args.model)
-    h, w = manifest.output_shape[-2:]
-    y = load_png(args.image, (h, w)).unsqueeze(0)
+    lo, hi = manifest.value_range
+    y = _invert_target(args.image, manifest.output_shape, manifest.value_range)
     n = y[0].numel()
     A = gaussian_matrix(args.seed, args.measurements, n) if args.measurements else None
     b = measure(y, A)
-    x0 = uniform_latents(1, manifest.latent_dim, args.seed)
+    x0 = sample_latents(1, manifest.latent_dim, args.seed, manifest.latent_prior)
     results = {}
     if args.method in ("surf", "both"):
         stages = generators(store, args.model, stride=args.stride)
         results["surf"] = surf(
-            stages, b, x0, A, steps=args.steps, lr=args.lr, final_steps=args.final_steps
+            stages,
+            b,
+            x0,
+            A,
+            steps=args.steps,
+            lr=args.lr,
+            final_steps=args.final_steps,
+            schedule=args.schedule,
+            prior=manifest.latent_prior,
         )
     G = final_generator(store, args.model)
     if args.method in ("adam", "both"):
         results["adam"] = direct(G, b, x0, A, steps=args.direct_steps, lr=args.lr)
-    out = Path(args.out or Path(args.image).with_suffix("").as_posix() + ".recon.png")
+    shape = manifest.output_shape
+    picture = len(shape) == 3 and shape[0] in (1, 3)  # else the reconstruction goes to .npy
+    suffix = ".recon.png" if picture else ".recon.npy"
+    out = Path(args.out or Path(args.image).with_suffix("").as_posix() + suffix)
     for name, res in results.items():
         with torch.no_grad():
             recon = G(res.x)
         pixel_error = float((recon - y).pow(2).sum() / n)
         path = out if len(results) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
-        to_png(recon[0], path)
-        print(
-            json.dumps(
-                {
-                    "method": name,
-                    "latent": [round(v, 6) for v in res.x[0].tolist()],
-                    "objective": float(res.objective[0]),
-                    "pixel_error": pixel_error,
-                    "generator_evals": res.evals,
-                    "reconstruction": str(path),
-                }
-            )
-        )
+        if picture:
+            to_png(((recon[0] - lo) / (hi - lo)).clamp(0, 1), path)  # to_png takes [0, 1]
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, recon[0].numpy(), allow_pickle=False)
+        report = {
+            "method": name,
+            "latent": [round(v, 6) for v in res.x[0].tolist()],
+            "objective": float(res.objective[0]),
+            "pixel_error": pixel_error,
+            "generator_evals": res.evals,
+            "reconstruction": str(path),
+        }
+        if name == "surf":  # what each stage did (the schedule shows here)
+            report["stages"] = [
+                {"step": t.step, "steps_used": t.steps_used, "objective": t.objective_mean}
+                for t in res.trace
+            ]
+        print(json.dumps(report))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -142,8 +190,37 @@ def cmd_models(args: argparse.Namespace) -> None:
         size = sum(c.bytes for c in m.checkpoints)
         print(f"{args.dst}: {len(m.checkpoints)} checkpoints, {size / 1e6:.1f} MB "
               f"({size / raw:.3f} of {args.src}'s {raw / 1e6:.1f} MB)")
+    elif args.action == "import":
+        _import_models(store, args)
     else:
         print(json.dumps(store.manifest(args.id).to_dict(), indent=2))
+
+
+def _import_models(store, args: argparse.Namespace) -> None:  # store: ModelStore
+    from surfing.importer import import_checkpoints, parse_floats, parse_ints
+
+    try:
+        config = json.loads(args.config)
+    except ValueError as e:
+        raise ValueError(f"--config is not JSON ({e})") from None
+    if not isinstance(config, dict) or "kind" in config:
+        raise ValueError("--config must be a JSON object without 'kind' (--arch names it)")
+    m = import_checkpoints(
+        store, args.dir, args.id, {"kind": args.arch, **config},
+        steps=parse_ints(args.steps, "--steps"),
+        strip_prefix=args.strip_prefix,
+        select=args.select,
+        latent_dim=args.latent_dim,
+        output_shape=parse_ints(args.output_shape, "--output-shape"),
+        value_range=parse_floats(args.value_range, "--value-range"),
+        latent_prior=args.latent_prior,
+        dataset=args.dataset,
+    )
+    size = sum(c.bytes for c in m.checkpoints)
+    print(f"{m.model_id}: imported {len(m.checkpoints)} checkpoints (steps "
+          f"{m.checkpoints[0].step}..{m.checkpoints[-1].step}), {size / 1e6:.1f} MB, "
+          f"k={m.latent_dim}, output {m.output_shape}, range {m.value_range}, "
+          f"prior {m.latent_prior}")
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -159,6 +236,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(host=args.host, port=args.port)
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from app.services.keys import command
+
+    command(args.action, getattr(args, "name", None), getattr(args, "scope", None),
+            getattr(args, "id", None))
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from app.lifecycle.retention import command
+
+    command(args.older_than_days, dry_run=args.dry_run)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker
 
@@ -168,7 +258,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from surfing.experiments import EXPERIMENTS
     from surfing.solvers import DEFAULT_SCHEDULE, SCHEDULES
-    from surfing.train import METHODS
+    from surfing.train import ARCHS, METHODS
 
     p = argparse.ArgumentParser(prog="surfing", description=__doc__)
     p.add_argument(
@@ -186,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--data-dir", help="Fashion-MNIST IDX folder")
+    t.add_argument("--data", help="your own images: a PNG/JPEG folder or an .npy array")
+    t.add_argument("--image-size", type=int, help="--data resized to S x S (8, 16, 28, 32, 64)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB")
+    t.add_argument("--arch", choices=ARCHS, help="generator (default infogan; conv with --data)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--threads", type=int)
     t.add_argument("--samples", help="where to write the sample grid PNG")
@@ -198,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("invert", help="invert one image with a stored trajectory (no server)")
-    i.add_argument("image", help="target PNG")
+    i.add_argument("image", help="target PNG/JPEG (converted to the model's C x H x W) or .npy")
     i.add_argument("--model", required=True)
     i.add_argument("--method", choices=["surf", "adam", "both"], default="surf")
     i.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
@@ -221,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_arguments(ep)
     e.set_defaults(func=cmd_experiment)
 
-    m = sub.add_parser("models", help="list or show stored trajectories")
+    m = sub.add_parser("models", help="list, show, compress or import stored trajectories")
     msub = m.add_subparsers(dest="action", required=True)
     msub.add_parser("list")
     show = msub.add_parser("show")
@@ -232,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--encoding", default="qdelta")
     comp.add_argument("--levels", type=float, default=1.0, help="step = rms(move) / levels")
     comp.add_argument("--keyframe-every", type=int, default=16)
+    imp = msub.add_parser("import", help="store a folder of per-step checkpoints as a trajectory")
+    imp.add_argument("dir", help="folder of .safetensors / .pt / .pth files, one per step")
+    imp.add_argument("--arch", required=True, help="architecture name (a built-in or installed)")
+    imp.add_argument("--config", default="{}", help='architecture config JSON: {"latent_dim": 10}')
+    imp.add_argument("--id", required=True, help="model id for the trajectory")
+    imp.add_argument("--steps", help="steps of the files in name order (default: from the names)")
+    imp.add_argument("--strip-prefix", help="remove this key prefix, e.g. module.")
+    imp.add_argument("--select", help="keep keys under this prefix or nested entry: generator.")
+    imp.add_argument("--latent-dim", type=int, help="default: the config's latent_dim")
+    imp.add_argument("--output-shape", help="C,H,W (default: from running the net once)")
+    imp.add_argument("--value-range", help="LO,HI (default: from a final Sigmoid/Tanh)")
+    imp.add_argument("--latent-prior", choices=["uniform", "normal"], default="uniform")
+    imp.add_argument("--dataset", default="imported", help="what the generator was trained on")
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser(
@@ -240,6 +348,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="make a key and print it (the only time it is shown)")
+    kc.add_argument("--name", required=True, help="who or what the key is for")
+    kc.add_argument("--scope", choices=["read", "submit", "admin"], default="submit",
+                    help="read: GET own jobs and models; submit: + POST jobs, cancel own; "
+                    "admin: + model management and every job")
+    ksub.add_parser("list", help="ids, names, scopes; never the secrets")
+    kr = ksub.add_parser("revoke", help="stop a key from working (its jobs stay)")
+    kr.add_argument("id", help="the key id (`surfing keys list`)")
+    k.set_defaults(func=cmd_keys)
+
+    j = sub.add_parser("jobs", help="job housekeeping: purge old inputs and results")
+    jsub = j.add_subparsers(dest="action", required=True)
+    jp = jsub.add_parser("purge", help="drop the inputs and result payloads of finished jobs "
+                         "older than N days (job rows and their summaries stay)")
+    jp.add_argument("--older-than-days", type=int, help="default: $SURFING_RETENTION_DAYS (30)")
+    jp.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    j.set_defaults(func=cmd_jobs)
 
     w = sub.add_parser("worker", help="run an RQ worker (needs REDIS_URL and DATABASE_URL)")
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")

@@ -1,5 +1,6 @@
-"""Networks: the InfoGAN-style generator the paper inverts, its discriminator/critic and VAE
-encoder, and the expansive ReLU network of the paper's theory section."""
+"""Networks: the InfoGAN-style generator the paper inverts, a DCGAN-style generator for any
+C x H x W, their discriminator/critic and VAE encoder, and the expansive ReLU network of the
+paper's theory section."""
 
 from __future__ import annotations
 
@@ -43,28 +44,86 @@ class InfoGANGenerator(nn.Module):
         return self.deconv(self.fc(z).view(-1, self.c1, 7, 7))
 
 
+CONV_CHANNELS = (1, 3)
+CONV_SIZES = (8, 16, 28, 32, 64)
+
+
+def conv_plan(size: int) -> tuple[int, int]:
+    """(base, ups): a base x base map doubled `ups` times reaches `size` (28 = 7 * 2^2)."""
+    if size not in CONV_SIZES:
+        raise ValueError(
+            f"image size {size} is not supported by the conv generator; use one of {CONV_SIZES}"
+        )
+    base = 7 if size == 28 else 4
+    return base, (size // base).bit_length() - 1
+
+
+class ConvGenerator(nn.Module):
+    """DCGAN-style: z(k) -> FC c_0*b*b -> ConvT (x2, +BN, ReLU) ... -> ConvT (x2) to C -> sigmoid.
+
+    The base b is 4 (7 for size 28) and `ups` transposed convs double it to the size; level i
+    has c_i = 64 * 2^(ups - 1 - i) channels (times `width`), so a 32 x 32 image goes
+    256 @ 4x4 -> 128 @ 8x8 -> 64 @ 16x16 -> C @ 32x32 (Radford et al. 2016, one level less).
+    """
+
+    def __init__(self, latent_dim: int, channels: int, size: int, width: float = 1.0) -> None:
+        super().__init__()
+        if channels not in CONV_CHANNELS:
+            raise ValueError(f"channels must be one of {CONV_CHANNELS}, not {channels}")
+        base, ups = conv_plan(size)
+        self.latent_dim, self.channels, self.size, self.base = latent_dim, channels, size, base
+        widths = [_w(64 * 2 ** (ups - 1 - i), width) for i in range(ups)]
+        self.c0 = widths[0]
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, self.c0 * base * base),
+            nn.BatchNorm1d(self.c0 * base * base),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Sigmoid()]
+        self.deconv = nn.Sequential(*layers)
+        init_normal(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.fc(z).view(-1, self.c0, self.base, self.base))
+
+
 class ConvTrunk(nn.Module):
     """Mirror of the generator: Conv 64 s2 -> Conv 128 s2 (+norm) -> FC 1024 (+norm) -> FC out.
 
     `out_dim` = 1 gives the GAN discriminator / WGAN critic, 2k the VAE encoder (mean, log-var).
-    `norm=False` drops batch norm, which the gradient penalty of WGAN-GP requires.
+    `norm=False` drops batch norm, which the gradient penalty of WGAN-GP requires. Images larger
+    than 32 get more stride-2 convs (channels doubling) until the map is at most 8 x 8, which
+    keeps the FC layer small; the default 1 x 28 x 28 trunk is the paper's, layer for layer.
     """
 
-    def __init__(self, out_dim: int, width: float = 1.0, norm: bool = True) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        width: float = 1.0,
+        norm: bool = True,
+        channels: int = 1,
+        size: int = 28,
+    ) -> None:
         super().__init__()
         c1, c2, h = _w(64, width), _w(128, width), _w(1024, width)
 
         def bn(layer: type[nn.Module], n: int) -> nn.Module:
             return layer(n) if norm else nn.Identity()
 
+        layers: list[nn.Module] = [nn.Conv2d(channels, c1, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c, c_next, side = c1, c2, size // 2
+        while True:  # the paper's second conv, then more while the map is over 8 x 8
+            layers += [nn.Conv2d(c, c_next, 4, 2, 1), bn(nn.BatchNorm2d, c_next), nn.LeakyReLU(0.2)]
+            c, c_next, side = c_next, 2 * c_next, side // 2
+            if side <= 8:
+                break
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 4, 2, 1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(c1, c2, 4, 2, 1),
-            bn(nn.BatchNorm2d, c2),
-            nn.LeakyReLU(0.2),
+            *layers,
             nn.Flatten(),
-            nn.Linear(c2 * 7 * 7, h),
+            nn.Linear(c * side * side, h),
             bn(nn.BatchNorm1d, h),
             nn.LeakyReLU(0.2),
             nn.Linear(h, out_dim),

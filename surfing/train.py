@@ -4,6 +4,9 @@ The generator -- parameters and batch-norm buffers -- is written to the store at
 random initialisation theta_0) and every `every` generator steps after it, then once more at
 the end if the last step was not already recorded. Each checkpoint is streamed to disk as soon
 as it is made, so the trajectory is never held in memory and a crash keeps what was written.
+
+The generator is the paper's InfoGAN net on 1 x 28 x 28 images (Fashion-MNIST by default) or the
+generic DCGAN-style "conv" net on any C x S x S the user's images have (`surfing.nets`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from models_store import ModelStore
+from surfing.architectures import build_generator
 from surfing.data import load_fashion_mnist
-from surfing.nets import ConvTrunk, InfoGANGenerator
+from surfing.nets import ConvTrunk
 
 METHODS = ("vae", "dcgan", "wgan", "wgan-gp")
+ARCHS = ("infogan", "conv")  # the trainable image generators
 
 
 @dataclass
@@ -41,17 +46,43 @@ class TrainConfig:
     gp_lambda: float = 10.0  # WGAN-GP gradient penalty
     seed: int = 0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    arch: str = "infogan"  # "conv" for images other than 1 x 28 x 28
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
         if self.latent_dim < 1 or self.every < 1 or self.batch_size < 1:
             raise ValueError("latent_dim, every and batch_size must be positive")
 
 
+def prior_name(method: str) -> str:
+    """The latent distribution a method trains on, as the manifest's `latent_prior` names it."""
+    return "normal" if method == "vae" else "uniform"
+
+
+def generator_arch(cfg: TrainConfig, channels: int, size: int) -> dict:
+    """The manifest's `arch` for images of shape (channels, size, size)."""
+    if cfg.arch == "infogan":
+        if (channels, size) != (1, 28):
+            raise ValueError(
+                f"the infogan generator makes 1 x 28 x 28 images, not {channels} x {size} x "
+                f"{size}; use the conv generator (--arch conv)"
+            )
+        return {"kind": "infogan", "latent_dim": cfg.latent_dim, "width": cfg.width}
+    return {
+        "kind": "conv",
+        "latent_dim": cfg.latent_dim,
+        "channels": channels,
+        "size": size,
+        "width": cfg.width,
+    }
+
+
 def latent_prior(cfg: TrainConfig, n: int, device: torch.device) -> torch.Tensor:
     """U[-1, 1]^k for the GANs (the paper's x* prior), N(0, I) for the VAE."""
-    if cfg.method == "vae":
+    if prior_name(cfg.method) == "normal":
         return torch.randn(n, cfg.latent_dim, device=device)
     return torch.rand(n, cfg.latent_dim, device=device) * 2 - 1
 
@@ -67,11 +98,18 @@ def batches(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iter
 class Method:
     """One training recipe: `step` does one generator update (and its critic updates)."""
 
-    def __init__(self, cfg: TrainConfig, G: InfoGANGenerator, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        G: nn.Module,
+        device: torch.device,
+        channels: int = 1,
+        size: int = 28,
+    ) -> None:
         self.cfg, self.G, self.device = cfg, G, device
         wgan_gp = cfg.method == "wgan-gp"
         out = 2 * cfg.latent_dim if cfg.method == "vae" else 1
-        self.D = ConvTrunk(out, cfg.width, norm=not wgan_gp).to(device)
+        self.D = ConvTrunk(out, cfg.width, not wgan_gp, channels, size).to(device)
         self.opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas)
 
@@ -154,33 +192,45 @@ def train(
     images: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    dataset: str = "fashion-mnist",
 ) -> dict[str, float]:
-    """Train one generator, recording its trajectory under `model_id`; returns a summary."""
+    """Train one generator on `images` (N, C, S, S) in [0, 1] (default: Fashion-MNIST's
+    training split), recording its trajectory under `model_id`; returns a summary."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     if images is None:
         images, _ = load_fashion_mnist("train")
+    if images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"images must be (N, C, S, S), got {list(images.shape)}")
+    if len(images) < cfg.batch_size:
+        raise ValueError(
+            f"{len(images)} training images, fewer than one batch of {cfg.batch_size}; "
+            "give more images or a smaller batch size"
+        )
+    channels, size = int(images.shape[1]), int(images.shape[2])
+    arch = generator_arch(cfg, channels, size)
     steps_per_epoch = len(images) // cfg.batch_size
     if cfg.method in ("wgan", "wgan-gp"):
         steps_per_epoch //= cfg.n_critic  # each generator step eats n_critic batches
+    steps_per_epoch = max(1, steps_per_epoch)  # a tiny data set still trains for its epochs
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
 
-    G = InfoGANGenerator(cfg.latent_dim, cfg.width).to(device)
-    method = Method(cfg, G, device)
+    G = build_generator(arch).to(device)
+    method = Method(cfg, G, device, channels, size)
     data = batches(images, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     training = {**asdict(cfg), "steps": total, "steps_per_epoch": steps_per_epoch}
-    arch = {"kind": "infogan", "latent_dim": cfg.latent_dim, "width": cfg.width}
     t0 = time.perf_counter()
     with store.create(
         model_id,
         arch=arch,
         latent_dim=cfg.latent_dim,
-        output_shape=[1, 28, 28],
+        output_shape=[channels, size, size],
         value_range=[0.0, 1.0],
         training=training,
-        dataset="fashion-mnist",
+        dataset=dataset,
+        latent_prior=prior_name(cfg.method),
     ) as writer:
         G.train()
         writer.add(0, generator_state(G))
