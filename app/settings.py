@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         "speed cost not yet measured on a GPU.",
     )
     torch_threads: int | None = Field(None, ge=1)
+    retention_days: int = Field(
+        30,
+        ge=0,
+        description="Inputs and result payloads (latents, reconstructions, traces) of jobs "
+        "finished more than this many days ago are purged; the job row and its summary stay "
+        "(app.lifecycle.retention; 0 = keep forever).",
+    )
     rq_result_ttl_s: int = Field(3600, ge=0)
     rq_failure_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     auto_migrate: bool | None = Field(

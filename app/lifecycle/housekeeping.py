@@ -1,17 +1,20 @@
 """The periodic side of the lifecycle: one daemon thread per process (every worker, the API)
-that reconciles the queue every heartbeat interval and reaps stale jobs every half stale
-window. Each step is bounded and any error only skips that step until the next tick."""
+that reconciles the queue every heartbeat interval, reaps stale jobs every half stale window
+and purges expired payloads every ten minutes (app.lifecycle.retention). Each step is bounded
+and any error only skips that step until the next tick."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.lifecycle.reaper import reap_stale_jobs
 from app.lifecycle.reconciler import Reconciler, grace_s
+from app.lifecycle.retention import PURGE_EVERY_S, purge
 from app.queue import JobQueue
 from app.settings import Settings
 
@@ -19,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Housekeeper:
-    """Runs the reconciler and `reap_stale_jobs` on a daemon thread until `stop()`."""
+    """Runs the reconciler, `reap_stale_jobs` and `purge` on a daemon thread until `stop()`."""
 
     def __init__(
         self,
@@ -34,6 +37,8 @@ class Housekeeper:
         self.reconciler = (
             Reconciler(sessions, queue, grace_s(settings)) if queue is not None else None
         )
+        self._last_reap = time.monotonic()
+        self._last_purge = -PURGE_EVERY_S  # the first tick purges: processes may not live long
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="surfing-housekeeper", daemon=True)
 
@@ -45,16 +50,29 @@ class Housekeeper:
         self._stop.set()
 
     def _loop(self) -> None:
-        last_reap = time.monotonic()
         while not self._stop.wait(self.tick):
-            if self.reconciler is not None:
-                try:
-                    self.reconciler.run()
-                except Exception as e:  # keep going after a db or Redis blip
-                    log.warning("reconciler pass failed: %s: %s", type(e).__name__, e)
-            if time.monotonic() - last_reap >= self.reap_every:
-                last_reap = time.monotonic()
-                try:
-                    reap_stale_jobs(self.sessions, self.queue, self.settings)
-                except Exception as e:
-                    log.warning("reaper pass failed: %s: %s", type(e).__name__, e)
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One tick: reconcile, then reap and purge if their time has come."""
+        if self.reconciler is not None:
+            try:
+                self.reconciler.run()
+            except Exception as e:  # keep going after a db or Redis blip
+                log.warning("reconciler pass failed: %s: %s", type(e).__name__, e)
+        if time.monotonic() - self._last_reap >= self.reap_every:
+            self._last_reap = time.monotonic()
+            try:
+                reap_stale_jobs(self.sessions, self.queue, self.settings)
+            except Exception as e:
+                log.warning("reaper pass failed: %s: %s", type(e).__name__, e)
+        days = self.settings.retention_days
+        if days and time.monotonic() - self._last_purge >= PURGE_EVERY_S:
+            self._last_purge = time.monotonic()
+            try:
+                r = purge(self.sessions, timedelta(days=days))  # bounded: BUDGET_S
+                if r.jobs:
+                    log.info("retention: purged %d job(s) older than %d days, ~%d bytes",
+                             r.jobs, days, r.bytes_freed)
+            except Exception as e:
+                log.warning("retention pass failed: %s: %s", type(e).__name__, e)

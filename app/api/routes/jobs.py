@@ -15,7 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import AUTH_RESPONSES
 from app.db import utcnow
 from app.deps import QueueDep, ReadKey, SessionDep, SubmitKey
+from app.lifecycle.retention import is_purged, purged_detail
 from app.models import JobStatus
+from app.problems import Problem
 from app.schemas import JobOut
 from app.services import jobs as service
 from app.services.reaper import reap_stale_jobs
@@ -64,11 +66,13 @@ def cancel_job(job_id: str, session: SessionDep, queue: QueueDep, principal: Sub
         200: {"content": {"image/png": {}}},
         404: {"description": "No such job of this key."},
         409: {"description": "No result yet."},
+        410: {"description": "Purged: the job is older than the retention period."},
     },
     summary="G_T(x) of a finished job as PNG",
 )
 async def reconstruction(
     job_id: str,
+    request: Request,
     session: SessionDep,
     principal: ReadKey,
     index: Annotated[int, Query(ge=0, description="Which target of a batch job.")] = 0,
@@ -77,6 +81,10 @@ async def reconstruction(
     job = await run_in_threadpool(
         service.get_job, session, job_id, True, principal.owner_filter
     )
+    if is_purged(job):
+        days = request.app.state.settings.retention_days
+        raise Problem(410, purged_detail(job, days), title="Gone", purged=True,
+                      retention_days=days, finished_at=job.finished_at)
     png = await run_in_threadpool(
         service.reconstruction_png, job, service.value_range_of(job), index, scale
     )
