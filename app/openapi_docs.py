@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from app.problems import PROBLEM_JSON
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -106,34 +108,37 @@ def document_model_ids(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-_NUMERIC_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_NULL_TYPE = "null"
+_STRUCTURED = ("array", "object")
+
+
+def form_fields(model: type[BaseModel], rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """`model`'s properties as multipart form fields, for the routes that take JSON or a form
+    and validate both with the same model: the same types, bounds and descriptions, without
+    the null branch (an absent field is unset), lists and objects sent as JSON text."""
+    fields: dict[str, Any] = {}
+    for name, prop in model.model_json_schema()["properties"].items():
+        field = {k: v for k, v in prop.items() if k != "anyOf"}
+        if "default" in field and field["default"] is None:
+            del field["default"]
+        branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != _NULL_TYPE]
+        if len(branches) == 1 and branches[0].get("type") not in (None, *_STRUCTURED):
+            field.update(branches[0])
+        else:
+            field.update(type="string", contentMediaType="application/json")
+            field["description"] = f"{field.get('description', '')} In a form: as JSON text."
+        fields[(rename or {}).get(name, name)] = field
+    return fields
 
 
 def document_bodies(schema: dict[str, Any]) -> dict[str, Any]:
-    """Form fields get the bounds of the same field in the JSON model (one validator serves
-    both encodings), and raw bodies without a schema (archives) are binary strings."""
-    models = schema.get("components", {}).get("schemas", {})
+    """Raw bodies without a schema (archives) are binary strings. (Form fields need nothing
+    here: the routes generate them from their JSON models with `form_fields`.)"""
     for item in schema.get("paths", {}).values():
         for op in item.values():
             content = op.get("requestBody", {}).get("content", {}) if isinstance(op, dict) else {}
             for media in content.values():
                 media.setdefault("schema", {"type": "string", "format": "binary", "minLength": 1})
-            ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
-            form = content.get("multipart/form-data", {}).get("schema", {})
-            json_model = models.get(ref.rsplit("/", 1)[-1], {})
-            model = json_model.get("properties", {})
-            if form and json_model.get("required"):
-                # e.g. a form needs the image too (as a file or a field); for /cs-recover the
-                # matrix may also be matrix_seed + m, documented as the upload here
-                required = set(form.get("required", [])) | set(json_model["required"])
-                form["required"] = sorted(required)
-            for name, prop in form.get("properties", {}).items():
-                if prop.get("type") not in ("integer", "number") or name not in model:
-                    continue
-                for branch in model[name].get("anyOf", [model[name]]):
-                    if branch.get("type") in ("integer", "number"):
-                        prop.update({k: branch[k] for k in _NUMERIC_KEYS if k in branch})
-                        break
     return schema
 
 

@@ -1,7 +1,8 @@
 """POST /invert and POST /cs-recover: validate, admit, create a job row, enqueue, answer 202.
 
 Both need a key with scope submit (app.auth). An `Idempotency-Key` header makes a retry safe:
-the same key with the same body answers with the job the first request created.
+the same key with the same body answers with the job the first request created. A form is
+validated with `JobRequest`, the base of both JSON models, and documented from it too.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from starlette.concurrency import run_in_threadpool
 from app.api.parsing import MULTIPART, is_form, json_field, media_type, read_body, validate
 from app.auth import Principal
 from app.deps import QueueDep, SessionDep, SettingsDep, StoreDep, SubmitKey
+from app.lifecycle import webhooks
 from app.models import Job
+from app.openapi_docs import form_fields
 from app.problems import InvalidInput
 from app.schemas import (
     CSRecoverRequest,
     InvertRequest,
     JobAccepted,
+    JobRequest,
     MatrixSeed,
     SolveOptions,
 )
@@ -32,21 +36,8 @@ from app.settings import Settings
 
 router = APIRouter(tags=["jobs"])
 
-_OPTION_FIELDS = {
-    "method": {"type": "string", "enum": ["surf", "adam", "adam-restarts", "hybrid"]},
-    "steps": {"type": "integer"},
-    "final_steps": {"type": "integer"},
-    "direct_steps": {"type": "integer"},
-    "tol": {"type": "number"},
-    "lr": {"type": "number"},
-    "stride": {"type": "integer"},
-    "restarts": {"type": "integer"},
-    "seed": {"type": "integer"},
-    "x_init": {"type": "string", "description": "JSON list of k floats"},
-}
 
-
-def _openapi(json_model: type, multipart: dict[str, Any]) -> dict[str, Any]:
+def _openapi(json_model: type, form: dict[str, Any]) -> dict[str, Any]:
     """Document both accepted encodings (the route reads the body itself)."""
     return {
         "requestBody": {
@@ -55,17 +46,7 @@ def _openapi(json_model: type, multipart: dict[str, Any]) -> dict[str, Any]:
                 "application/json": {
                     "schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}
                 },
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["model_id"],
-                        "properties": {
-                            "model_id": {"type": "string"},
-                            **multipart,
-                            **_OPTION_FIELDS,
-                        },
-                    }
-                },
+                "multipart/form-data": {"schema": form},
             },
         },
         "responses": {
@@ -84,33 +65,39 @@ def _openapi(json_model: type, multipart: dict[str, Any]) -> dict[str, Any]:
 
 
 _BINARY = {"type": "string", "format": "binary"}
+
+
+def _form(required: list[str], **fields: dict[str, Any]) -> dict[str, Any]:
+    """The multipart fields: JobRequest's (model, options, callback_url: the JSON body's, with
+    the same validator) plus this route's uploads."""
+    return {"type": "object", "required": required,
+            "properties": {**form_fields(JobRequest), **fields}}  # fmt: skip
+
+
 INVERT_DOC = _openapi(
     InvertRequest,
-    {
-        "image": {
+    _form(
+        ["image", "model_id"],
+        image={
             **_BINARY,
             "description": "PNG/JPEG (converted to the model's channels and size; 1- or "
             "3-channel models) or a .npy float array of the model's output shape",
-        }
-    },
+        },
+    ),
 )
 CS_DOC = _openapi(
     CSRecoverRequest,
-    {
-        "measurements": {**_BINARY, "description": ".npy (m,) or (B, m), or a JSON list"},
-        "matrix": {**_BINARY, "description": ".npy (m, n); or give matrix_seed and m"},
-        "matrix_seed": {"type": "integer"},
-        "m": {"type": "integer"},
-        "true_image": {
+    _form(
+        ["measurements", "model_id"],
+        measurements={**_BINARY, "description": ".npy (m,) or (B, m), or a JSON list"},
+        matrix={**_BINARY, "description": ".npy (m, n); or give matrix_seed and m"},
+        **form_fields(MatrixSeed, rename={"seed": "matrix_seed"}),
+        true_image={
             **_BINARY,
             "description": "optional true image: PNG/JPEG (converted as for /invert) or .npy",
         },
-    },
+    ),
 )
-
-
-class _FormOptions(SolveOptions):
-    model_id: str
 
 
 def _form_kind(request: Request) -> str:
@@ -129,6 +116,25 @@ def _accepted(response: Response, job_id: str, status: str) -> JobAccepted:
 
 def _options_of(req: SolveOptions) -> SolveOptions:
     return SolveOptions.model_validate(req.model_dump(include=set(SolveOptions.model_fields)))
+
+
+def _admit_with_callback(
+    settings: Settings, url: str | None, admit: admission.Gate
+) -> service.Admit:
+    """The gate, plus the webhook columns on the row when a callback_url was given (checked
+    here, before any work: scheme, no credentials, host allowed)."""
+    if url is None:
+        return admit
+    try:
+        webhooks.check_callback_url(url, settings)
+    except webhooks.WebhookRefused as e:
+        raise InvalidInput(str(e), field="callback_url") from None
+
+    def admit_with_callback(session: Session, job: Job) -> None:
+        job.callback_url, job.webhook_status, job.webhook_attempts = url, webhooks.PENDING, 0
+        admit(session, job)
+
+    return admit_with_callback
 
 
 IdempotencyHeader = Annotated[
@@ -215,15 +221,18 @@ async def invert(
         image = files.get("image", fields.pop("image", None))
         if image is None:
             raise InvalidInput("image is required (upload a PNG, JPEG or .npy file)", field="image")
-        form = validate(_FormOptions, fields)
+        form = validate(JobRequest, fields)
         model_id, options, source = form.model_id, _options_of(form), _form_kind(request)
+        callback = form.callback_url
     else:
         req = validate(InvertRequest, fields)
         model_id, options, image, source = req.model_id, _options_of(req), req.image, "json"
+        callback = req.callback_url
 
     def make(admit: admission.Gate) -> Job:
+        gate = _admit_with_callback(settings, callback, admit)
         return service.create_invert_job(
-            session, store, settings, queue, model_id, options, image, source, admit
+            session, store, settings, queue, model_id, options, image, source, gate
         )
 
     job, replayed = await run_in_threadpool(entry.create, session, make)
@@ -275,17 +284,20 @@ async def cs_recover(
         elif isinstance(matrix, dict):
             matrix = validate(MatrixSeed, matrix)
         true_image = files.get("true_image", fields.pop("true_image", None))
-        form = validate(_FormOptions, fields)
+        form = validate(JobRequest, fields)
         model_id, options, source = form.model_id, _options_of(form), _form_kind(request)
+        callback = form.callback_url
     else:
         req = validate(CSRecoverRequest, fields)
         model_id, options, source = req.model_id, _options_of(req), "json"
         measurements, matrix, true_image = req.measurements, req.matrix, req.true_image
+        callback = req.callback_url
 
     def make(admit: admission.Gate) -> Job:
+        gate = _admit_with_callback(settings, callback, admit)
         return service.create_cs_job(
             session, store, settings, queue, model_id, options, measurements, matrix,
-            true_image, source, admit,
+            true_image, source, gate,
         )
 
     job, replayed = await run_in_threadpool(entry.create, session, make)
