@@ -29,6 +29,7 @@ from app.queue import RunnerFactory, make_queue
 from app.schemas import CSRecoverRequest, InvertRequest
 from app.services.model_admin import UPLOAD_ROUTES, sweep_stale_uploads
 from app.settings import Settings, get_settings
+from app.web import install as install_web
 from models_store import ModelStore
 
 log = logging.getLogger("surfing.app")
@@ -112,6 +113,8 @@ def create_app(settings: Settings | None = None, runner: RunnerFactory | None = 
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served offline by app.web (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessions = sessions
@@ -122,6 +125,7 @@ def create_app(settings: Settings | None = None, runner: RunnerFactory | None = 
     install_handlers(app)
     install_auth(app, settings)
     app.include_router(api_router)
+    install_web(app)  # /static, and /docs + /redoc from local assets
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # add_middleware wraps what is there: RequestMetrics (added last) is outermost, so it also
     # counts the 413s that BodySizeLimit answers without reaching the app.

@@ -104,6 +104,19 @@ class Job(Base):
     stages: Mapped[int | None] = mapped_column(Integer)
     objective: Mapped[float | None] = mapped_column(Float)
     progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # ... and by passes (worker.progress): which pass (surf | rescue | restart | final | adam),
+    # how many came before it, its round, stage t of T *of this pass* and the checkpoint's
+    # training step. `stage`/`stages` above never grow mid-run; these restart per pass.
+    pass_name: Mapped[str | None] = mapped_column(String(16))
+    pass_index: Mapped[int | None] = mapped_column(Integer)
+    pass_round: Mapped[int | None] = mapped_column(Integer)
+    pass_stage: Mapped[int | None] = mapped_column(Integer)
+    pass_stages: Mapped[int | None] = mapped_column(Integer)
+    pass_step: Mapped[int | None] = mapped_column(Integer)
+    # A small PNG of the first target's current reconstruction (at most ~1 per second);
+    # deferred so that reading a job never drags it along.
+    preview_png: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    preview_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
@@ -117,6 +130,12 @@ class Job(Base):
     # Idempotency-Key of the POST and the SHA-256 of its canonical body (app.services.admission).
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Completion webhook (optional): where to POST the final job document, and how that went
+    # (webhook_status: pending | delivered | failed).
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_error: Mapped[str | None] = mapped_column(Text)
 
     inputs: Mapped[JobInput] = relationship(
         back_populates="job", cascade="all, delete-orphan", uselist=False, lazy="raise"

@@ -23,6 +23,11 @@ IMAGE_DESCRIPTION = (
     "output shape (or a batch [B, ...] of them), or a base64 string of a PNG/JPEG (converted "
     "to the model's channels, size and value range) or of a .npy float array."
 )
+CALLBACK_DESCRIPTION = (
+    "Webhook: an http(s) URL that gets one signed POST of the job document when the job "
+    "succeeds, fails or is canceled (README, Webhooks). Its host must match "
+    "SURFING_WEBHOOK_ALLOW; no credentials in the URL."
+)
 
 
 class SolveOptions(BaseModel):
@@ -104,10 +109,22 @@ class SolveOptions(BaseModel):
         return self
 
 
-class InvertRequest(SolveOptions):
-    """JSON body of POST /invert."""
+class JobRequest(SolveOptions):
+    """What every submission carries besides its data. A form is validated with this model
+    once its uploads are taken out, so JSON and form fields cannot drift apart."""
 
     model_id: str = Field(..., description=MODEL_ID_DESCRIPTION)
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[!-~]+$",
+        description=CALLBACK_DESCRIPTION,
+    )
+
+
+class InvertRequest(JobRequest):
+    """JSON body of POST /invert."""
+
     image: list[Any] | str = Field(..., description=IMAGE_DESCRIPTION)
 
 
@@ -120,10 +137,9 @@ class MatrixSeed(BaseModel):
     m: int = Field(..., ge=1, description="Number of measurements (1 <= m <= n).")
 
 
-class CSRecoverRequest(SolveOptions):
+class CSRecoverRequest(JobRequest):
     """JSON body of POST /cs-recover."""
 
-    model_id: str = Field(..., description=MODEL_ID_DESCRIPTION)
     measurements: list[Any] = Field(
         ..., description="The vector A·y (length m), or a batch [B, m]."
     )
@@ -145,11 +161,30 @@ class JobAccepted(BaseModel):
     links: dict[str, str]
 
 
+PassName = Literal["surf", "rescue", "final", "restart", "adam"]
+
+
 class Progress(BaseModel):
-    stage: int | None = Field(None, description="Stage in progress, 1-based.")
+    """Where a job is: a sequence of passes, each with its own stage counter (never goes back).
+
+    surf: the trajectory, stage t of T checkpoints; rescue: surf's re-surf of the targets it did
+    not fit (round pass_round), T stages again; restart: the R direct descents of hybrid and
+    adam-restarts, run together as one batch (stage = Adam step); final: hybrid's polish of
+    both candidates on the final network; adam: direct descent (stage = Adam step)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    pass_: PassName | None = Field(
+        None, alias="pass", description="The pass in progress (the last one once finished)."
+    )
+    pass_index: int | None = Field(None, description="Passes before this one (0-based).")
+    pass_round: int | None = Field(None, description="Rescue round (1, 2, ...); else null.")
+    stage: int | None = Field(None, description="Stage in progress within the pass, 1-based.")
     stages: int | None = Field(
-        None,
-        description="Total stages T (checkpoints used); grows by T when a rescue pass starts.",
+        None, description="Stages of this pass, fixed when it starts (checkpoints or steps)."
+    )
+    step: int | None = Field(
+        None, description="Training step of the checkpoint in progress; null off the trajectory."
     )
     objective: float | None = Field(None, description="Current mean objective over targets.")
     updated_at: datetime | None = None

@@ -133,6 +133,10 @@ class Settings(BaseSettings):
         "speed cost not yet measured on a GPU.",
     )
     torch_threads: int | None = Field(None, ge=1)
+    events_max_s: float = Field(
+        3600, gt=0, description="Longest life of one GET /jobs/{id}/events stream (then a "
+        "`timeout` event; clients reconnect)."
+    )
     retention_days: int = Field(
         30,
         ge=0,
@@ -140,6 +144,26 @@ class Settings(BaseSettings):
         "finished more than this many days ago are purged; the job row and its summary stay "
         "(app.lifecycle.retention; 0 = keep forever).",
     )
+    # Webhooks (app.lifecycle.webhooks): off until an operator names where callbacks may go.
+    webhook_allow: str = Field(
+        "",
+        description="Comma-separated host[:port] patterns (`hooks.example.com`, "
+        "`*.example.com:8443`) or CIDRs/addresses (`10.1.0.0/16`, `127.0.0.1:9000`) that a "
+        "job's callback_url may name; empty = webhooks refused. Private and loopback addresses "
+        "are reached only when an address or CIDR entry names them.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="HMAC-SHA256 key of X-Surfing-Signature; required with SURFING_WEBHOOK_ALLOW.",
+    )
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="POSTs before giving up.")
+    webhook_retry_s: float = Field(
+        15.0,
+        gt=0,
+        description="First retry delay; each next one is 3x longer (15 s: about 10 min in all).",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Per webhook request.")
     rq_result_ttl_s: int = Field(3600, ge=0)
     rq_failure_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     auto_migrate: bool | None = Field(
@@ -153,6 +177,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SURFING_STALE_AFTER_S must be at least 2x SURFING_HEARTBEAT_INTERVAL_S"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        if self.webhook_allow.strip():
+            from app.lifecycle.webhooks import parse_allow
+
+            parse_allow(self.webhook_allow)  # a typo fails at start-up, not at the first job
+            if self.webhook_secret is None:
+                raise ValueError(
+                    "SURFING_WEBHOOK_ALLOW needs SURFING_WEBHOOK_SECRET (16+ characters): "
+                    "receivers check the signature made with it"
+                )
         return self
 
     @property

@@ -47,6 +47,10 @@ class StageTrace:
     action: torch.Tensor | None = None
     # (B,) bool: the targets this stage worked on; None = all (a rescue pass works on a few)
     moved: torch.Tensor | None = None
+    # which pass over the trajectory this stage belongs to: "surf", or "rescue" with its round
+    # (1-based), so a progress display can count stages per pass instead of a growing total
+    pass_name: str = "surf"
+    pass_round: int | None = None
 
     @property
     def objective_mean(self) -> float:
@@ -483,7 +487,7 @@ def surf(
         moved = torch.zeros(x.shape[0], dtype=torch.bool)
         moved[idx.cpu()] = True
         total = (round_ + 1) * per_pass
-        report_rescue = _rescue_reporter(report, round_ * per_pass, moved, x, f)
+        report_rescue = _rescue_reporter(report, round_ * per_pass, moved, x, f, round_)
         start = restart_latents(x_init[idx], round_, prior)
         x_r, f_r, c_r = _surf_pass(stages, b[idx], start, A, opts, report_rescue)
         # "clearly lower": two runs that end in the same flat minimum differ by float noise,
@@ -501,6 +505,7 @@ def _rescue_reporter(
     moved: torch.Tensor,
     x: torch.Tensor,
     f: torch.Tensor,
+    round_: int = 1,
 ) -> Callable[[StageTrace], None]:
     """Reports a rescue pass's stages as full-batch stages `offset`, `offset` + 1, ...: the
     rescued targets show their values in this pass, the others the result they already have."""
@@ -511,7 +516,10 @@ def _rescue_reporter(
         full_f[moved], full_norm[moved] = info.objective, info.x_norm
         stage = offset + info.stage
         report(
-            replace(info, stage=stage, objective=full_f, x_norm=full_norm, action=None, moved=moved)
+            replace(
+                info, stage=stage, objective=full_f, x_norm=full_norm, action=None, moved=moved,
+                pass_name="rescue", pass_round=round_,
+            )
         )
 
     return on_stage

@@ -16,6 +16,16 @@ import app.models  # noqa: F401  (tables on Base.metadata)
 from app.db import Base, alembic_config, normalize_url
 
 TABLES = {"jobs", "job_inputs", "job_results", "api_keys"}
+# 0004: progress by passes, the live preview and the completion webhook's state.
+COLUMNS_0004 = {
+    "pass_name", "pass_index", "pass_round", "pass_stage", "pass_stages", "pass_step",
+    "preview_png", "preview_at",
+    "callback_url", "webhook_status", "webhook_attempts", "webhook_error",
+}  # fmt: skip
+
+
+def _job_columns(engine: sa.Engine) -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -66,6 +76,28 @@ def test_upgrade_matches_models_and_downgrades(empty_db: str) -> None:
                     "CURRENT_TIMESTAMP)"
                 )
             )
+
+        # 0004 adds columns only, and takes exactly those away again; an existing row gets
+        # webhook_attempts = 0.
+        assert COLUMNS_0004 <= _job_columns(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, kind, model_id, method, params, n_targets, status, "
+                    "attempt, max_attempts, created_at, updated_at) VALUES ('j', 'invert', "
+                    "'m', 'surf', '{}', 1, 'queued', 0, 1, CURRENT_TIMESTAMP, "
+                    "CURRENT_TIMESTAMP)"
+                )
+            )
+        before = _job_columns(engine)
+        command.downgrade(cfg, "0003")
+        assert _job_columns(engine) == before - COLUMNS_0004
+        command.upgrade(cfg, "head")
+        assert _job_columns(engine) == before and _diff(engine) == []
+        with engine.begin() as conn:
+            row = conn.execute(sa.text("SELECT webhook_attempts, pass_name FROM jobs")).one()
+            assert tuple(row) == (0, None)
+            conn.execute(sa.text("DELETE FROM jobs"))
 
         # 0003 (API keys, job owners) goes down and up again without touching older columns.
         command.downgrade(cfg, "0002")

@@ -234,8 +234,12 @@ def test_an_off_range_image_is_rescued_unless_the_client_says_no(service: Servic
         assert done[rescue]["status"] == "succeeded", done[rescue]
     rescued, plain = done[None], done[False]
     assert [t.get("rescued") for t in rescued["result"]["trace"]] == [None] * 4 + [1] * 4
-    assert rescued["progress"]["stage"] == rescued["progress"]["stages"] == 8
+    # The rescue is its own pass with its own stage counter (never a grown total).
+    progress = rescued["progress"]
+    assert (progress["pass"], progress["pass_index"], progress["pass_round"]) == ("rescue", 1, 1)
+    assert progress["stage"] == progress["stages"] == 4
     assert [t.get("rescued") for t in plain["result"]["trace"]] == [None] * 4
+    assert plain["progress"]["pass"] == "surf" and plain["progress"]["pass_index"] == 0
     assert plain["progress"]["stage"] == plain["progress"]["stages"] == 4
     assert rescued["result"]["objective"][0] <= plain["result"]["objective"][0]
 
@@ -315,7 +319,7 @@ def test_progress_is_visible_and_cancel_works(service: Service) -> None:
         until=("running",),
         check=lambda j: j["progress"] and j["progress"]["objective"] is not None,
     )
-    assert job["progress"]["stage"] == 1 and job["progress"]["stages"] == 1
+    assert job["progress"]["pass"] == "adam" and job["progress"]["stages"] == 1_000_000
     first_update = job["progress"]["updated_at"]
     queued = service.submit("/invert", json=long_job)  # waits behind the running one
     assert service.job(queued)["status"] == "queued"
@@ -355,10 +359,14 @@ def test_other_methods(service: Service) -> None:
         for m in ("adam-restarts", "hybrid")
     ]
     paper = service.submit("/invert", json={**base, "schedule": "paper"})
-    for jid, stages in zip(ids, (1, 5), strict=True):
+    # adam-restarts ends on its restarts pass (60 Adam steps); hybrid on its final pass.
+    for jid, stages, last in zip(ids, (1, 5), (("restart", 60), ("final", 1)), strict=True):
         job = service.wait(jid)
         assert job["status"] == "succeeded", job
-        assert job["params"]["stages"] == stages and job["progress"]["stage"] == stages
+        assert job["params"]["stages"] == stages
+        progress = job["progress"]
+        assert (progress["pass"], progress["stages"]) == last
+        assert progress["stage"] == progress["stages"]
     job = service.wait(paper)
     assert job["status"] == "succeeded", job
     # Algorithm 3.1 as published: exactly `steps` per stage and `final_steps` at the end.

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import lifecycle
-from app.lifecycle import DbRetry, Heartbeat, JobAborted, Member, live
+from app.lifecycle import DbRetry, Heartbeat, JobAborted, Member, live, webhooks
 from app.models import JobResult
 from app.settings import Settings
 from models_store import StoreError
@@ -126,6 +126,8 @@ def run_attempt(
     finally:
         if beat is not None:
             beat.stop()
+        # Completion webhooks go out on background threads: this only schedules them.
+        webhooks.notify(sessions, settings, [m.job_id for m in members])
 
 
 def _finish_all(sessions: sessionmaker[Session], outcomes: list[Outcome]) -> list[str]:

@@ -1,7 +1,8 @@
 """The periodic side of the lifecycle: one daemon thread per process (every worker, the API)
 that reconciles the queue every heartbeat interval, reaps stale jobs every half stale window
-and purges expired payloads every ten minutes (app.lifecycle.retention). Each step is bounded
-and any error only skips that step until the next tick."""
+and purges expired payloads every ten minutes (app.lifecycle.retention); each tick it also
+schedules the pending webhooks of finished jobs (app.lifecycle.webhooks: sent on their own
+threads). Each step is bounded and any error only skips that step until the next tick."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.lifecycle.reaper import reap_stale_jobs
 from app.lifecycle.reconciler import Reconciler, grace_s
 from app.lifecycle.retention import PURGE_EVERY_S, purge
+from app.lifecycle.webhooks import deliverer
 from app.queue import JobQueue
 from app.settings import Settings
 
@@ -60,6 +62,12 @@ class Housekeeper:
                 self.reconciler.run()
             except Exception as e:  # keep going after a db or Redis blip
                 log.warning("reconciler pass failed: %s: %s", type(e).__name__, e)
+        hooks = deliverer(self.sessions, self.settings)
+        if hooks is not None:
+            try:
+                hooks.scan()
+            except Exception as e:
+                log.warning("webhook scan failed: %s: %s", type(e).__name__, e)
         if time.monotonic() - self._last_reap >= self.reap_every:
             self._last_reap = time.monotonic()
             try:

@@ -91,6 +91,12 @@ def _purge_rows(session: Session, ids: list[str], cutoff: datetime) -> set[str]:
     """Null the payloads of `ids` (guarded: still terminal and expired, not yet purged);
     returns the ids whose rows this call changed."""
     mine = select(Job.id).where(Job.id.in_(ids), *_expired(cutoff))
+    session.execute(  # the live preview is progress, not a result: it goes too
+        update(Job)
+        .where(Job.id.in_(mine), Job.preview_png.is_not(None))
+        .values(preview_png=None)
+        .execution_options(synchronize_session=False)
+    )
     done = session.scalars(
         update(JobInput)
         .where(JobInput.job_id.in_(mine), or_(*(c.is_not(None) for c in _INPUTS)))

@@ -30,6 +30,14 @@ def _won(res: Any) -> bool:
     return bool(res.rowcount)
 
 
+# A new attempt starts its progress from nothing: no pass, no stale preview of the last one.
+FRESH_PROGRESS: dict[str, Any] = {
+    "stage": None, "objective": None, "progress_at": None, "pass_name": None,
+    "pass_index": None, "pass_round": None, "pass_stage": None, "pass_stages": None,
+    "pass_step": None, "preview_png": None, "preview_at": None,
+}
+
+
 def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> int | None:
     """queued -> running, attempt += 1; returns the new attempt, or None if not claimable.
 
@@ -45,11 +53,9 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> int | No
                 started_at=now,
                 heartbeat_at=now,
                 worker=worker,
-                stage=None,
-                objective=None,
-                progress_at=None,
                 finished_at=None,
                 updated_at=now,
+                **FRESH_PROGRESS,
             )
             .execution_options(synchronize_session=False)
         )
@@ -173,10 +179,8 @@ def requeue(session: Session, guard: list[Any], error: str, now: datetime) -> bo
         .values(
             status=QUEUED,
             error=error,
-            stage=None,
-            objective=None,
-            progress_at=None,
             worker=None,
+            **FRESH_PROGRESS,
             queue_ref=None,
             updated_at=now,
         )

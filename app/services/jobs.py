@@ -343,20 +343,38 @@ class JobLinks:
         return {
             "self": f"{self.base}/jobs/{job_id}",
             "reconstruction": f"{self.base}/jobs/{job_id}/reconstruction.png",
+            "preview": f"{self.base}/jobs/{job_id}/preview.png",
+            "events": f"{self.base}/jobs/{job_id}/events",
         }
+
+
+def progress_view(job: Job) -> dict[str, Any] | None:
+    """The `progress` object of a job (app.schemas.Progress), or None before it started.
+
+    Pass fields count only once this attempt wrote progress (a claim or re-queue clears
+    progress_at); a finished job shows its last pass complete (tol may end one early)."""
+    if job.stage is None and job.status != JobStatus.running.value:
+        return None
+    by_pass = job.pass_name is not None and job.progress_at is not None
+    stage, stages = (job.pass_stage, job.pass_stages) if by_pass else (job.stage, job.stages)
+    if by_pass and job.status == JobStatus.succeeded.value:
+        stage = stages
+    return {
+        "pass": job.pass_name if by_pass else None,
+        "pass_index": job.pass_index if by_pass else None,
+        "pass_round": job.pass_round if by_pass else None,
+        "stage": stage,
+        "stages": stages,
+        "step": job.pass_step if by_pass else None,
+        "objective": job.objective,
+        "updated_at": job.progress_at,
+    }
 
 
 def job_view(job: Job, now: datetime) -> dict[str, Any]:
     """The JSON shape of GET /jobs/{id} (see app.schemas.JobOut)."""
     links = JobLinks("").for_job(job.id)
-    progress = None
-    if job.stage is not None or job.status == JobStatus.running.value:
-        progress = {
-            "stage": job.stage,
-            "stages": job.stages,
-            "objective": job.objective,
-            "updated_at": job.progress_at,
-        }
+    progress = progress_view(job)
     result: JobResult | None = job.result if job.status == JobStatus.succeeded.value else None
     end = job.finished_at or (now if job.status == JobStatus.running.value else None)
     timings = {

@@ -1,4 +1,4 @@
-"""GET/DELETE /jobs/{id} and the reconstruction PNG.
+"""GET/DELETE /jobs/{id}, the reconstruction PNG and the latents as .npy.
 
 A key reads (scope read) and cancels (scope submit) only its own jobs: another key's job is a
 404, as if it did not exist. Admin keys, and everyone when auth is off, see every job.
@@ -6,8 +6,10 @@ A key reads (scope read) and cancels (scope submit) only its own jobs: another k
 
 from __future__ import annotations
 
+import io
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -89,3 +91,30 @@ async def reconstruction(
         service.reconstruction_png, job, service.value_range_of(job), index, scale
     )
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+@router.get(
+    "/jobs/{job_id}/latent.npy",
+    response_class=Response,
+    responses={
+        **AUTH_RESPONSES,
+        200: {"content": {"application/x-npy": {}}},
+        404: {"description": "No such job of this key."},
+        409: {"description": "No result yet."},
+        410: {"description": "Purged: the job is older than the retention period."},
+    },
+    summary="The latents x of a finished job as .npy (float32, B x k)",
+)
+def latent_npy(job_id: str, request: Request, session: SessionDep, principal: ReadKey) -> Response:
+    job = service.get_job(session, job_id, True, principal.owner_filter)
+    if is_purged(job):
+        days = request.app.state.settings.retention_days
+        raise Problem(410, purged_detail(job, days), title="Gone", purged=True,
+                      retention_days=days, finished_at=job.finished_at)
+    if job.status != JobStatus.succeeded.value or job.result is None:
+        raise Problem(409, f"job {job.id} has no latent yet (status {job.status})",
+                      status_now=job.status)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(job.result.latent, dtype=np.float32), allow_pickle=False)
+    return Response(buf.getvalue(), media_type="application/x-npy", headers={
+        "Content-Disposition": f'attachment; filename="latent-{job.id}.npy"'})
