@@ -53,7 +53,8 @@ def test_surf_keeps_every_stage_in_the_ball_on_flat_early_networks() -> None:
     b = Sigmoid(k, n, 1.0, seed=1)(torch.tensor([[0.5, -0.2, 0.1], [-0.9, 0.4, 0.3]]))
     x0 = torch.tensor([[0.1, 0.1, 0.1], [-0.1, 0.2, 0.0]])
     for schedule in ("lm-stride", "lm"):
-        free = surf(stages, b, x0, schedule=schedule, rule=StageRule(head_stages=0))
+        free = surf(stages, b, x0, schedule=schedule,
+                    rule=StageRule(head_stages=0, latent_radius=None))
         rule = StageRule(head_stages=0, latent_radius=3.0)
         kept = surf(stages, b, x0, schedule=schedule, rule=rule)
         bound = 3.0 * math.sqrt(k) * (1 + 1e-5)
@@ -71,3 +72,9 @@ def test_track_step_chord_stays_in_the_ball() -> None:
     for _ in range(4):  # fresh steps, then chord steps with the stored Jacobian
         x, _, _, state, _ = track_step(G, x, b, None, state, 0.0, 2, radius=1.0)
         assert float(x.norm(dim=1).max()) <= 1.0 + 1e-6
+
+
+def test_the_default_rule_bounds_the_latent() -> None:
+    """Every default surf is bounded: with k = 3, 5 sqrt(3) ~ 8.7."""
+    assert StageRule().radius(3) == 5.0 * math.sqrt(3)
+    assert StageRule(latent_radius=None).radius(3) is None
