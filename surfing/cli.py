@@ -76,106 +76,68 @@ def cmd_train(args: argparse.Namespace) -> None:
 DEMO_ID = "demo-dcgan-k10"
 
 
+def _demo_threads() -> int:
+    """Torch threads for the demo: all cores on an idle machine, one on a busy one, where
+    OpenMP's spinning threads fight the other processes (measured 8x slower per step on a
+    loaded 2-core machine) unless OMP_WAIT_POLICY=passive, which scripts/run.sh sets."""
+    import os
+
+    cores = torch.get_num_threads()
+    passive = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5
+    return 1 if busy and not passive else cores
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """A small DCGAN trajectory so a fresh install has something to invert (skipped if the
-    store already holds a model)."""
+    store already holds a complete model; an interrupted demo is trained again)."""
     from surfing.train import TrainConfig, train
 
     store = _store(args)
-    existing = [m.model_id for m in store.list_models()]
-    if existing and not args.force:
-        print(f"demo: store {store.root} already has {', '.join(existing)}; nothing to do")
+    models = store.list_models()
+    done = [m.model_id for m in models if m.complete]
+    if done and not args.force:
+        print(f"demo: store {store.root} already has {', '.join(done)}; nothing to do")
         return
+    if any(m.model_id == DEMO_ID for m in models):
+        print(f"demo: replacing the {'unfinished ' * (DEMO_ID not in done)}{DEMO_ID}")
+        store.delete(DEMO_ID)
+    threads = args.threads or _demo_threads()
+    torch.set_num_threads(threads)
+    # 600 steps is about where this DCGAN starts drawing garments (at 400 it is still noise,
+    # and a narrower one failed to train at all): 70-90 CPU-seconds, 88 s on a busy 2-core box
     cfg = TrainConfig(method="dcgan", latent_dim=10, width=0.5, every=40, max_steps=args.steps)
-    print(f"demo: training {DEMO_ID} ({args.steps} DCGAN steps, half width) into {store.root}")
+    print(f"demo: training {DEMO_ID} ({args.steps} DCGAN steps, half width, {threads} "
+          f"thread{'s' * (threads > 1)}) into {store.root}", flush=True)
     summary = train(cfg, store, DEMO_ID, device="cuda" if torch.cuda.is_available() else "cpu")
     print(f"demo: {summary['steps']} steps in {summary['seconds']:.0f}s")
 
 
 def _invert_target(path: str, shape: list[int], value_range: list[float]) -> torch.Tensor:
-    """The target as (1, *shape) in the model's value range: a PNG/JPEG (colour and size
-    converted to a C x H x W model), or a .npy array of exactly the model's output shape."""
-    import numpy as np
+    """The target as (1, *shape) in the model's value range (surfing.cli_invert.load_target)."""
+    from surfing.cli_invert import load_target
 
-    if Path(path).suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-        if list(arr.shape) not in (list(shape), [1, *shape]):
-            raise ValueError(f"{path} has shape {list(arr.shape)}; the model expects {shape}")
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(1, *shape)
-    from surfing.images import load_image
-
-    lo, hi = value_range
-    return (lo + (hi - lo) * load_image(path, shape)).unsqueeze(0)
+    return load_target(path, shape, value_range)
 
 
 def cmd_invert(args: argparse.Namespace) -> None:
-    import numpy as np
+    """Invert one image locally: progress bars on stderr, one JSON report per method on stdout
+    (the work is in surfing.cli_invert, kept apart so this file stays a table of commands)."""
+    from surfing.cli_invert import run
 
-    from surfing.images import to_png
-    from surfing.latents import sample_latents
-    from surfing.measure import gaussian_matrix, measure
-    from surfing.solvers import direct, surf
-    from surfing.trajectory import final_generator, generators
-
-    store = _store(args)
-    manifest = store.manifest(args.model)
-    lo, hi = manifest.value_range
-    y = _invert_target(args.image, manifest.output_shape, manifest.value_range)
-    n = y[0].numel()
-    A = gaussian_matrix(args.seed, args.measurements, n) if args.measurements else None
-    b = measure(y, A)
-    x0 = sample_latents(1, manifest.latent_dim, args.seed, manifest.latent_prior)
-    results = {}
-    if args.method in ("surf", "both"):
-        stages = generators(store, args.model, stride=args.stride)
-        results["surf"] = surf(
-            stages,
-            b,
-            x0,
-            A,
-            steps=args.steps,
-            lr=args.lr,
-            final_steps=args.final_steps,
-            schedule=args.schedule,
-            prior=manifest.latent_prior,
-        )
-    G = final_generator(store, args.model)
-    if args.method in ("adam", "both"):
-        results["adam"] = direct(G, b, x0, A, steps=args.direct_steps, lr=args.lr)
-    shape = manifest.output_shape
-    picture = len(shape) == 3 and shape[0] in (1, 3)  # else the reconstruction goes to .npy
-    suffix = ".recon.png" if picture else ".recon.npy"
-    out = Path(args.out or Path(args.image).with_suffix("").as_posix() + suffix)
-    for name, res in results.items():
-        with torch.no_grad():
-            recon = G(res.x)
-        pixel_error = float((recon - y).pow(2).sum() / n)
-        path = out if len(results) == 1 else out.with_name(f"{out.stem}.{name}{out.suffix}")
-        if picture:
-            to_png(((recon[0] - lo) / (hi - lo)).clamp(0, 1), path)  # to_png takes [0, 1]
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, recon[0].numpy(), allow_pickle=False)
-        report = {
-            "method": name,
-            "latent": [round(v, 6) for v in res.x[0].tolist()],
-            "objective": float(res.objective[0]),
-            "pixel_error": pixel_error,
-            "generator_evals": res.evals,
-            "reconstruction": str(path),
-        }
-        if name == "surf":  # what each stage did (the schedule shows here)
-            report["stages"] = [
-                {"step": t.step, "steps_used": t.steps_used, "objective": t.objective_mean}
-                for t in res.trace
-            ]
-        print(json.dumps(report))
+    run(args, _store(args))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     store = _store(args)
     if args.action == "list":
-        for m in store.list_models():
+        models = store.list_models()
+        if not models:
+            from surfing.cli_invert import store_origin
+
+            print(f"no models in {store.root.resolve()} ({store_origin(args.models_dir)}); "
+                  "`surfing demo` makes a small one", file=sys.stderr)
+        for m in models:
             state = "complete" if m.complete else "partial"
             print(
                 f"{m.model_id:32s} {m.training.get('method', '?'):8s} k={m.latent_dim:<3d} "
@@ -193,7 +155,9 @@ def cmd_models(args: argparse.Namespace) -> None:
     elif args.action == "import":
         _import_models(store, args)
     else:
-        print(json.dumps(store.manifest(args.id).to_dict(), indent=2))
+        from surfing.cli_invert import find_manifest
+
+        print(json.dumps(find_manifest(store, args.id, args.models_dir).to_dict(), indent=2))
 
 
 def _import_models(store, args: argparse.Namespace) -> None:  # store: ModelStore
@@ -234,6 +198,56 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from app.main import serve
 
     serve(host=args.host, port=args.port)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    """Invert an image on a Surfing server (with --measurements: recover it from A·y, measured
+    here with the server's documented Gaussian matrix); wait with a progress bar; write the
+    server's reconstruction PNG."""
+    import os
+
+    from surfing.client import Client, SurfingError
+
+    server = args.server or os.environ.get("SURFING_SERVER", "http://127.0.0.1:8000")
+    options = {
+        "method": args.method, "schedule": args.schedule, "steps": args.steps,
+        "final_steps": args.final_steps, "direct_steps": args.direct_steps, "lr": args.lr,
+        "stride": args.stride, "restarts": args.restarts, "rescue": args.rescue,
+    }
+    out = Path(args.out or Path(args.image).with_suffix("").as_posix() + ".recon.png")
+    try:
+        with Client(server, api_key=args.api_key) as client:
+            if args.measurements:
+                from surfing.measure import gaussian_matrix, measure
+
+                model = client.model(args.model)
+                y = _invert_target(args.image, model["output_shape"], model["value_range"])
+                A = gaussian_matrix(args.seed, args.measurements, y[0].numel())
+                job_id = client.cs_recover(
+                    measure(y, A).numpy(), args.model, seed=args.seed, m=args.measurements,
+                    true_image=args.image, start_seed=args.seed, **options,
+                )
+            else:
+                job_id = client.invert(args.image, args.model, seed=args.seed, **options)
+            print(f"submit: job {job_id} on {client.url}", file=sys.stderr)
+            doc = client.wait(job_id, progress=not args.quiet, timeout=args.timeout)
+            if doc["status"] != "succeeded":
+                print(f"surfing: job {job_id} {doc['status']}: {doc.get('error')}",
+                      file=sys.stderr)
+                sys.exit(1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(client.reconstruction_png(job_id, scale=args.scale))
+    except (SurfingError, TimeoutError) as exc:
+        print(f"surfing: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    res = doc["result"]
+    print(json.dumps({
+        "job_id": job_id, "method": doc["method"], "latent": res["latent"][0],
+        "objective": res["objective"][0],
+        "pixel_error": (res.get("pixel_error") or [None])[0],
+        "measurement_residual": (res.get("measurement_residual") or [None])[0],
+        "generator_evals": res["evals"], "reconstruction": str(out),
+    }))
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -290,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small demo trajectory if the store is empty")
     d.add_argument("--steps", type=int, default=600)
     d.add_argument("--force", action="store_true", help="train even if models exist")
+    d.add_argument("--threads", type=int, help="torch threads (default: all cores, 1 if busy)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("invert", help="invert one image with a stored trajectory (no server)")
@@ -306,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lr", type=float, default=0.01)
     i.add_argument("--stride", type=int, default=1, help="use every j-th checkpoint")
     i.add_argument("--out", help="reconstruction PNG path")
+    i.add_argument("--scale", type=int, metavar="N", help="also write OUT.side.png: target | "
+                   "reconstruction | |difference|, N x nearest-neighbour")
+    i.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     i.set_defaults(func=cmd_invert)
 
     e = sub.add_parser("experiment", help="reproduce a paper experiment")
@@ -348,6 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
+
+    sb = sub.add_parser("submit", help="invert an image on a Surfing server (see `serve`), "
+                        "wait with a progress bar, write the reconstruction PNG")
+    sb.add_argument("image", help="target PNG/JPEG or .npy (converted by the server)")
+    sb.add_argument("--server", help="API URL (default $SURFING_SERVER or "
+                    "http://127.0.0.1:8000)")
+    sb.add_argument("--model", required=True)
+    sb.add_argument("--api-key", help="default $SURFING_API_KEY (`surfing keys create`)")
+    sb.add_argument("--method", choices=["surf", "adam", "adam-restarts", "hybrid"],
+                    default="surf")
+    sb.add_argument("--schedule", choices=SCHEDULES, help="surf only (server default: auto)")
+    sb.add_argument("--rescue", action=argparse.BooleanOptionalAction,
+                    help="surf only: re-surf targets not fitted (server default: on)")
+    sb.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
+    sb.add_argument("--seed", type=int, default=0, help="seed of A and of x_init")
+    for flag in ("--steps", "--final-steps", "--direct-steps", "--stride", "--restarts"):
+        sb.add_argument(flag, type=int, help="solver option (server default if unset)")
+    sb.add_argument("--lr", type=float, help="Adam learning rate (server default 0.01)")
+    sb.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    sb.add_argument("--quiet", action="store_true", help="no progress bar")
+    sb.add_argument("--scale", type=int, default=1, help="nearest-neighbour zoom of the PNG")
+    sb.add_argument("--out", help="reconstruction PNG path (default IMAGE.recon.png)")
+    sb.set_defaults(func=cmd_submit)
 
     k = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
     ksub = k.add_subparsers(dest="action", required=True)

@@ -116,3 +116,116 @@ def test_table1_pipeline(tiny_store, tmp_path) -> None:
     assert len(list(csv.DictReader((out / "table1_trials.csv").open()))) == 6
     assert (out / "table1_distances.png").stat().st_size > 1000
     assert "<!-- BEGIN table1 -->" in md.read_text()
+
+
+# ---- first use: progress, side-by-side, helpful errors, the demo ---------------------------
+
+
+def _invert(store_root, image, *extra: str) -> None:
+    main(["--models-dir", str(store_root), "invert", str(image), "--model", "tiny", *extra])
+
+
+def test_invert_shows_progress_per_pass_on_stderr(tiny_store, tmp_path, capsys) -> None:
+    to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
+    _invert(tiny_store.root, tmp_path / "t.png", "--schedule", "paper", "--steps", "2",
+            "--final-steps", "3", "--method", "both", "--direct-steps", "7")
+    out, err = capsys.readouterr()
+    surf, adam = (json.loads(line) for line in out.splitlines())  # stdout stays pure JSON
+    assert "surfing 4 checkpoints of tiny (schedule paper)" in err
+    assert "surf: 100%" in err and "4/4" in err  # one bar over the trajectory's 4 stages
+    assert "adam: 100%" in err and "7/7" in err  # Adam steps counted by the forward hook
+    assert len(surf["stages"]) == 4 and adam["generator_evals"] == 7
+    _invert(tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "3",
+            "--no-progress")
+    assert capsys.readouterr().err == ""
+
+
+def test_invert_scale_writes_target_reconstruction_difference(tiny_store, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
+    _invert(tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "5",
+            "--scale", "3", "--out", str(tmp_path / "r.png"), "--no-progress")
+    report = json.loads(capsys.readouterr().out)
+    assert report["side_by_side"] == str(tmp_path / "r.side.png")
+    side = np.asarray(Image.open(tmp_path / "r.side.png"), dtype=np.int16)
+    assert side.shape == (28 * 3, (3 * 28 + 2) * 3)  # three 28x28 panels, 1-pixel gaps, 3x
+    assert (side[::3, ::3] == side[1::3, 1::3]).all()  # nearest-neighbour blocks
+    small = side[::3, ::3]
+    target = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.int16)
+    recon = np.asarray(Image.open(tmp_path / "r.png"), dtype=np.int16)
+    assert (small[:, 28] == 255).all() and (small[:, 57] == 255).all()
+    assert (small[:, :28] == target).all() and (small[:, 29:57] == recon).all()
+    assert np.abs(small[:, 58:] - np.abs(recon - target)).max() <= 1  # 8-bit rounding
+    assert small[:, 58:].max() > 0
+
+
+def test_model_not_found_names_the_models_there(tiny_store, tmp_path, capsys) -> None:
+    interpolated_trajectory(tiny_store.root, "other", arch=TINY, n_ckpt=2)
+    for argv in (["invert", "x.png", "--model", "shrit"], ["models", "show", "shrit"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--models-dir", str(tiny_store.root), *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "'shrit' not found" in err
+        assert "models there: other, tiny" in err
+
+
+def test_empty_store_says_where_it_looked(tmp_path, monkeypatch, capsys) -> None:
+    empty = tmp_path / "empty"
+    monkeypatch.delenv("SURFING_MODELS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["--models-dir", str(empty)], {}, f"no models in {empty} (from --models-dir)"),
+        ([], {"SURFING_MODELS_DIR": str(empty)}, f"{empty} (from $SURFING_MODELS_DIR)"),
+        ([], {}, f"{tmp_path / 'data' / 'models'} (the default ./data/models;"),
+    ]
+    for flags, env, where in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for argv in (["invert", "x.png", "--model", "m"], ["models", "show", "m"]):
+            with pytest.raises(SystemExit):
+                main([*flags, *argv])
+            err = capsys.readouterr().err
+            assert where in err and "`surfing demo`" in err
+        for name in env:
+            monkeypatch.delenv(name)
+    main(["--models-dir", str(empty), "models", "list"])
+    assert f"no models in {empty}" in capsys.readouterr().err
+
+
+def test_demo_trains_once_and_replaces_an_interrupted_one(tmp_path, monkeypatch, capsys):
+    import surfing.train
+    from models_store import ModelStore
+
+    fake = torch.rand(256, 1, 28, 28)
+    monkeypatch.setattr(surfing.train, "load_fashion_mnist", lambda split: (fake, None))
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(RuntimeError), store.create(
+        "demo-dcgan-k10", arch=TINY, latent_dim=2, output_shape=[1, 28, 28],
+        value_range=[0.0, 1.0], training={}, dataset="x",
+    ) as w:
+        w.add(0, {"w": torch.zeros(1)})
+        raise RuntimeError("interrupted")  # leaves complete=False
+    demo = ["--models-dir", str(store.root), "demo", "--steps", "3", "--threads", "1"]
+    main(demo)
+    assert "replacing the unfinished demo-dcgan-k10" in capsys.readouterr().out
+    m = store.manifest("demo-dcgan-k10")
+    assert m.complete and [c.step for c in m.checkpoints] == [0, 3]
+    assert m.arch == {"kind": "infogan", "latent_dim": 10, "width": 0.5}
+    main(demo)
+    assert "nothing to do" in capsys.readouterr().out
+    assert store.manifest("demo-dcgan-k10").created_at == m.created_at
+
+
+def test_invert_schedule_reaches_the_solver(tiny_store, tmp_path, capsys) -> None:
+    to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
+    evals = {}
+    for schedule in ("paper", "lm-stride"):
+        _invert(tiny_store.root, tmp_path / "t.png", "--schedule", schedule, "--steps", "3",
+                "--final-steps", "11", "--no-progress")
+        report = json.loads(capsys.readouterr().out)
+        evals[schedule] = report["generator_evals"]
+        if schedule == "paper":  # 3 Adam steps on each of 3 stages, 11 on the last
+            assert [s["steps_used"] for s in report["stages"]] == [3, 3, 3, 11]
+    assert evals["paper"] == 3 * 3 + 11 and evals["lm-stride"] != evals["paper"]
