@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["surf", "adam", "adam-restarts", "hybrid"]
+Method = Literal["surf", "adam", "adam-restarts", "hybrid", "lm-restarts"]
 Schedule = Literal[
     "auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper"
 ]  # surfing.solvers.SCHEDULES
@@ -39,7 +39,11 @@ class SolveOptions(BaseModel):
         "surf",
         description="surf (Alg. 3.1 over the checkpoints), adam (direct descent on the final "
         "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
-        "restarts, lowest objective kept).",
+        "restarts, lowest objective kept), lm-restarts (Levenberg-Marquardt on the final "
+        "network only, from x_init; then up to `restarts` rounds (default 3) of fresh starts "
+        "drawn from the model's latent prior for the targets whose residual is still above 1 % "
+        "of the target in norm, each target keeping its lowest objective; uses `restarts` and "
+        "`seed`, never the trajectory).",
     )
     schedule: Schedule | None = Field(
         None,
@@ -92,7 +96,11 @@ class SolveOptions(BaseModel):
         description="Use every stride-th checkpoint (first and last always kept).",
     )
     restarts: int | None = Field(
-        None, ge=1, le=256, description="Random starts for adam-restarts and hybrid (default 4)."
+        None,
+        ge=1,
+        le=256,
+        description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
+        "after the first solve for lm-restarts (default 3).",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(
@@ -169,8 +177,10 @@ class Progress(BaseModel):
 
     surf: the trajectory, stage t of T checkpoints; rescue: surf's re-surf of the targets it did
     not fit (round pass_round), T stages again; restart: the R direct descents of hybrid and
-    adam-restarts, run together as one batch (stage = Adam step); final: hybrid's polish of
-    both candidates on the final network; adam: direct descent (stage = Adam step)."""
+    adam-restarts, run together as one batch (stage = Adam step), or lm-restarts' round
+    pass_round (1 stage); final: hybrid's polish of both candidates on the final network, or
+    lm-restarts' first Levenberg-Marquardt solve (1 stage); adam: direct descent (stage = Adam
+    step). lm-restarts shows each pass once it has finished."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -178,7 +188,9 @@ class Progress(BaseModel):
         None, alias="pass", description="The pass in progress (the last one once finished)."
     )
     pass_index: int | None = Field(None, description="Passes before this one (0-based).")
-    pass_round: int | None = Field(None, description="Rescue round (1, 2, ...); else null.")
+    pass_round: int | None = Field(
+        None, description="Rescue or lm-restarts round (1, 2, ...); else null."
+    )
     stage: int | None = Field(None, description="Stage in progress within the pass, 1-based.")
     stages: int | None = Field(
         None, description="Stages of this pass, fixed when it starts (checkpoints or steps)."

@@ -275,11 +275,11 @@ def test_beyond(store: ModelStore, tmp_path: Path) -> None:
     exact, errors = out["exact"], out["real"]  # type: ignore[index]
     settings = ["A = I", f"m = {784 // 4}", f"m = {784 // 16}"]
     assert [(r["setting"], r["solver"]) for r in exact] == [
-        (s, n) for s in settings for n in ("default", "paper", "adam")
+        (s, n) for s in settings for n in ("default", "paper", "adam", "lm-restarts")
     ]
     assert all(0 <= r["success %"] <= 100 and r["evals / target"] > 0 for r in exact)
     # The paper schedule spends the same evaluations on every target; Adam exactly its steps.
     assert {r["evals / target"] for r in exact if r["solver"] == "adam"} == {10}
-    assert len(errors) == 9 and all(0 <= float(r["median pixel error"]) <= 1 for r in errors)
+    assert len(errors) == 12 and all(0 <= float(r["median pixel error"]) <= 1 for r in errors)
     assert (tmp_path / "beyond_tiny-k2_real.png").stat().st_size > 1000
     assert "<!-- BEGIN beyond-tiny-k2 -->" in (tmp_path / "results.md").read_text()

@@ -10,9 +10,11 @@ doing the arithmetic.
 A job may join another's pass only when that cannot change its answer:
 - same kind, model, method and options (the seed excepted: starting points are drawn per job);
 - the same matrix A (same seed and m, or byte-identical explicit matrices);
-- a method whose per-target path ignores the rest of the batch. Restart methods draw their
-  starts for the whole batch from one seed, and Adam with a gradient tolerance stops when
-  *every* target is below it, so those always run alone.
+- a method whose per-target path ignores the rest of the batch. hybrid and adam-restarts draw
+  their starts for the whole batch from one seed, and Adam with a gradient tolerance stops
+  when *every* target is below it, so those always run alone. lm-restarts draws each target's
+  restarts from its own x_init and the seed (`surfing.solvers.restart_latents`), so it
+  shares a pass with jobs of the same seed.
 
 Only first attempts share a pass. A retry (a job re-queued after its attempt was lost, perhaps
 because that very job crashed its worker) runs alone: its leader never takes companions
@@ -43,6 +45,8 @@ def can_share_pass(method: str, params: dict[str, Any]) -> bool:
         return params.get("tol") is None or params.get("schedule") not in (None, "auto", "paper")
     if method == "adam":
         return params.get("tol") is None
+    if method == "lm-restarts":  # per-target LM and per-target restart draws
+        return True
     return False  # hybrid, adam-restarts: restart starts are drawn for the batch as a whole
 
 
@@ -53,7 +57,8 @@ def pass_key(job: Job) -> str | None:
     params = dict(job.params)
     if not can_share_pass(job.method, params):
         return None
-    shared = {k: v for k, v in sorted(params.items()) if k not in PER_JOB_PARAMS}
+    per_job = PER_JOB_PARAMS - {"seed"} if job.method == "lm-restarts" else PER_JOB_PARAMS
+    shared = {k: v for k, v in sorted(params.items()) if k not in per_job}
     return json.dumps([job.kind, job.model_id, job.method, shared], sort_keys=True, default=str)
 
 

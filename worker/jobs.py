@@ -40,11 +40,13 @@ from surfing.architectures import get_factory
 from surfing.latents import sample_latents
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
+    LM_RESTART_ROUNDS,
     SolveResult,
     StageRule,
     direct,
     direct_restarts,
     hybrid,
+    lm_restarts,
     split_result,
     surf,
 )
@@ -220,6 +222,20 @@ def _solve(
         )
     G = final_generator(store, model_id, device=device)
     G.register_forward_hook(tracker.on_forward)
+    if job.method == "lm-restarts":
+        ckpts = store.manifest(model_id).checkpoints  # G_T's index and step, for the trace
+        return lm_restarts(
+            G,
+            b,
+            x0,
+            A,
+            int(params.get("restarts") or LM_RESTART_ROUNDS),
+            seed=seed,
+            prior=job.prior,
+            progress=tracker.on_stage,
+            index=len(ckpts) - 1,
+            step=ckpts[-1].step,
+        )
     steps = _opts(params, "direct_steps")
     if "direct_steps" in steps:
         steps = {"steps": steps["direct_steps"]}

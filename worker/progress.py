@@ -13,12 +13,15 @@ Progress is a sequence of *passes*, each with its own stage counter that never g
     rescue   surf's re-surf of targets not fitted, round r, again T stages step = checkpoint's
     restart  hybrid's / adam-restarts' R direct descents, run together as one batch:
              stage = Adam step s of `direct_steps`                          step = None
+             lm-restarts' restart round r, 1 of 1                           step = G_T's
     final    hybrid's polish of both candidates on the final network, 1 of 1
+             lm-restarts' first Levenberg-Marquardt solve, 1 of 1           step = G_T's
     adam     direct descent: stage = Adam step s of `direct_steps`
 
 A pass starts when the stage stream is iterated again (rescue) or the forward passes move on
-(hybrid's restarts, then its polish); every start and every finished pass is written at once,
-so even a short pass shows. `stage`/`stages` (the old columns) keep counting the whole run
+(hybrid's restarts, then its polish), or when a stage reports a new pass (lm-restarts' rounds,
+shown once finished); every start and every finished pass is written at once, so even a short
+pass shows. `stage`/`stages` (the old columns) keep counting the whole run
 against the job's fixed `stages`; they no longer grow when a rescue starts.
 """
 
@@ -128,6 +131,8 @@ class Tracker:
         method = self.method or hint
         if method == "hybrid":
             return self._start("surf", None, self.stages - 1)  # its last "stage": restarts
+        if method == "lm-restarts":
+            return self._start("final", None, 1)  # then a "restart" pass per round
         if method in ("adam", "adam-restarts"):
             name = "restart" if method == "adam-restarts" else "adam"
             return self._start(name, None, self._param("direct_steps", DIRECT_STEPS))
@@ -158,8 +163,10 @@ class Tracker:
         self.check()
         self.completed += 1
         p = self._pass("surf")
-        if info.pass_name == "rescue" and (p.name, p.round) != ("rescue", info.pass_round):
-            p = self._start("rescue", info.pass_round, p.stages)  # a stream without Hooked
+        if info.pass_name != "surf" and (p.name, p.round) != (info.pass_name, info.pass_round):
+            # a rescue of a stream without Hooked (T stages again), or an lm-restarts round
+            stages = p.stages if info.pass_name == "rescue" else 1
+            p = self._start(info.pass_name, info.pass_round, stages)
         p.completed += 1
         p.stage = min(p.completed + 1, p.stages)
         p.step = p.steps[p.completed] if p.completed < len(p.steps) else int(info.step)

@@ -33,6 +33,8 @@ from app.settings import Settings
 
 # The solver defaults a request leaves unset (surfing.solvers.surf/direct, worker restarts).
 SURF_STEPS, FINAL_STEPS, DIRECT_STEPS, RESTARTS = 20, 1000, 2000, 4
+# lm-restarts: surfing.solvers.LM_RESTART_ROUNDS and StageRule.lm_iters
+LM_ROUNDS, LM_ITERS = 3, 40
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()
@@ -96,7 +98,9 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 
     surf: (checkpoints - 1) x steps + final_steps, doubled for the rescue pass every schedule
     but paper may run; adam: direct_steps; adam-restarts: restarts x direct_steps; hybrid: the
-    surf pass (no rescue) + restarts x direct_steps. `params["stages"]` already counts stride.
+    surf pass (no rescue) + restarts x direct_steps; lm-restarts: (1 + restarts) solves of at
+    most LM_ITERS Jacobians ((k + 1) / 2 each) and trial points (1/2 each), k = latent_dim.
+    `params["stages"]` already counts stride.
     """
     steps = int(params.get("steps") or SURF_STEPS)
     final = int(params.get("final_steps") or FINAL_STEPS)
@@ -107,6 +111,10 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
         per_target = direct
     elif method == "adam-restarts":
         per_target = restarts * direct
+    elif method == "lm-restarts":
+        k = int(params.get("latent_dim") or 1)
+        rounds = int(params.get("restarts") or LM_ROUNDS)
+        per_target = math.ceil((1 + rounds) * LM_ITERS * (k + 2) / 2)
     else:
         surfed = stages - 1 if method == "hybrid" else stages
         per_target = max(surfed - 1, 0) * steps + final

@@ -70,8 +70,9 @@ def load_manifest(store: ModelStore, model_id: str) -> Manifest:
 
 
 def n_stages(method: str, n_checkpoints: int, stride: int) -> int:
-    """Progress denominator T: checkpoints surfed (+1 for hybrid's restart phase)."""
-    if method in ("adam", "adam-restarts"):
+    """Progress denominator T: checkpoints surfed (+1 for hybrid's restart phase); 1 for the
+    methods that only use the final network."""
+    if method in ("adam", "adam-restarts", "lm-restarts"):
         return 1
     surfed = len(select_indices(n_checkpoints, stride))
     return surfed + 1 if method == "hybrid" else surfed
@@ -98,6 +99,7 @@ def _params(options: SolveOptions, manifest: Manifest, **extra: Any) -> dict[str
     # where the starts come from: the manifest's latent prior, seeded by `seed`
     params["x_init"] = "given" if options.x_init is not None else f"{manifest.latent_prior}(seed)"
     params["latent_prior"] = manifest.latent_prior  # also what restarts and rescues draw from
+    params["latent_dim"] = manifest.latent_dim  # k: the compute cap of lm-restarts needs it
     params["stages"] = n_stages(options.method, len(manifest.checkpoints), options.stride)
     params["output_shape"] = list(manifest.output_shape)
     params["value_range"] = list(manifest.value_range)
