@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("invert", help="invert one image with a stored trajectory (no server)")
     i.add_argument("image", help="target PNG/JPEG (converted to the model's C x H x W) or .npy")
     i.add_argument("--model", required=True)
-    i.add_argument("--method", choices=["surf", "adam", "both"], default="surf")
+    i.add_argument("--method", choices=["surf", "adam", "both", "lm-restarts"], default="surf",
+                   help="lm-restarts: LM on the final network, then fresh starts for misfits")
     i.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
     i.add_argument("--seed", type=int, default=0, help="seed of A and of x_init")
     i.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE,
@@ -374,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "http://127.0.0.1:8000)")
     sb.add_argument("--model", required=True)
     sb.add_argument("--api-key", help="default $SURFING_API_KEY (`surfing keys create`)")
-    sb.add_argument("--method", choices=["surf", "adam", "adam-restarts", "hybrid"],
+    sb.add_argument("--method",
+                    choices=["surf", "adam", "adam-restarts", "hybrid", "lm-restarts"],
                     default="surf")
     sb.add_argument("--schedule", choices=SCHEDULES, help="surf only (server default: auto)")
     sb.add_argument("--rescue", action=argparse.BooleanOptionalAction,

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
     from surfing.images import to_png
     from surfing.latents import sample_latents
     from surfing.measure import gaussian_matrix, measure
-    from surfing.solvers import direct, resolve_schedule, surf
+    from surfing.solvers import direct, lm_restarts, resolve_schedule, surf
     from surfing.trajectory import final_generator, generators
 
     manifest = find_manifest(store, args.model, args.models_dir)
@@ -155,6 +155,9 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
     if args.method in ("adam", "both"):
         with step_bar(G, args.direct_steps, "adam", show):
             results["adam"] = direct(G, b, x0, A, steps=args.direct_steps, lr=args.lr)
+    if args.method == "lm-restarts":
+        prior = manifest.latent_prior
+        results["lm-restarts"] = lm_restarts(G, b, x0, A, seed=args.seed, prior=prior)
     suffix = ".recon.png" if picture else ".recon.npy"
     out = Path(args.out or Path(args.image).with_suffix("").as_posix() + suffix)
     for name, res in results.items():

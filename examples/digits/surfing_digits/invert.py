@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models-dir", default="data/models", help="store for the embedded API")
     p.add_argument("--url", help="a running API (default: run it embedded)")
     p.add_argument("--index", type=int, default=0, help="which held-out digit (0..296)")
-    p.add_argument("--method", default="surf", help="surf, adam, adam-restarts or hybrid")
+    p.add_argument("--method", default="surf",
+                   help="surf, adam, adam-restarts, hybrid or lm-restarts")
     p.add_argument("--schedule", help="surf schedule, e.g. paper (default: the API's)")
     p.add_argument("--out", help="save target | reconstruction side by side as a PNG here")
     args = p.parse_args(argv)
