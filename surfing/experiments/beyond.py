@@ -168,3 +168,13 @@ def plot_grid(real: torch.Tensor, recon: dict, path: Path, count: int = 8) -> No
             if j == 0:
                 ax.set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
     save_figure(fig, path)
+    compact_png(path)
+
+
+def compact_png(path: Path) -> None:
+    """Re-save as a 256-colour PNG: a colour grid at full depth is ~600 KB, too big to commit."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(256)
+    small.save(path, optimize=True)
