@@ -37,7 +37,12 @@ class SolveOptions(BaseModel):
 
     method: Method = Field(
         "surf",
-        description="surf (Alg. 3.1 over the checkpoints), adam (direct descent on the final "
+        description="surf (descend every recorded checkpoint in training order, each stage "
+        "warm-started from the last, as Alg. 3.1; how each stage descends is `schedule`: by "
+        "default the paper's Adam stage on theta_0, then one Levenberg-Marquardt step per "
+        "checkpoint with Jacobian reuse and skips, LM to convergence on the final network, "
+        "latents kept within 5 sqrt(k), and one re-surf from a fresh prior draw for targets "
+        "not fitted to 1 % (`rescue`)), adam (direct descent on the final "
         "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
         "restarts, lowest objective kept), lm-restarts (Levenberg-Marquardt on the final "
         "network only, from x_init; then up to `restarts` rounds (default 3) of fresh starts "
@@ -47,9 +52,9 @@ class SolveOptions(BaseModel):
     )
     schedule: Schedule | None = Field(
         None,
-        description="How method=surf spends each stage (surfing.solvers): auto (default: the "
-        "fastest schedule that held the paper's success rate: lm-stride, or paper when "
-        "m <= 2k), "
+        description="How method=surf spends each stage (surfing.solvers): auto (default: "
+        "lm-stride, or paper when m <= 2k; every schedule but paper runs the paper's Adam "
+        "stage on the first checkpoint and re-surfs unfitted targets once), "
         "adaptive (Adam "
         "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
         "the final network), adaptive-adam (the same with Adam at the end), lm "
