@@ -27,7 +27,11 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from models_store import ModelStore  # noqa: E402
-from tests.browser import LiveServer, chrome, page_state  # noqa: E402
+
+try:  # a checkout's test helpers and the dev extra (selenium): not part of an install
+    from tests.browser import LiveServer, chrome, page_state  # noqa: E402
+except ImportError as e:
+    sys.exit(f"screenshots: run from a checkout with `pip install -e '.[dev]'` ({e})")
 
 WIDTH, HEIGHT = 1280, 900
 

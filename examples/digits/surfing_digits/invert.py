@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from surfing_digits.data import load_digits_split
+from .data import load_digits_split
 
 TERMINAL = ("succeeded", "failed", "canceled")
 

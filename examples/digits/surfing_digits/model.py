@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surfing_digits import ARCH_NAME
+from . import ARCH_NAME
 
 IMAGE_SHAPE = (1, 8, 8)
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from surfing.record import TrajectoryRecorder
-from surfing_digits.data import load_digits_split
-from surfing_digits.model import DigitsGenerator, arch
+
+from .data import load_digits_split
+from .model import DigitsGenerator, arch
 
 
 class Encoder(nn.Module):
