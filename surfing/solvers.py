@@ -72,12 +72,24 @@ class StageTrace:
 
 
 @dataclass
+class RoundPoint:
+    """Where every target stood after one pass of a multi-pass solver, so a curve of success
+    against cost can be read off one run: a run with fewer rounds ends exactly here."""
+
+    name: str  # "surf", "rescue 1", "final" (LM on G_T), "restart 2", ...
+    x: torch.Tensor  # (B, k)
+    objective: torch.Tensor  # (B,)
+    target_evals: torch.Tensor  # (B,) cumulative cost per target, float64, CPU
+
+
+@dataclass
 class SolveResult:
     x: torch.Tensor  # (B, k) latents
     objective: torch.Tensor  # (B,) final objective on the last network
     evals: int  # generator forward+backward passes per target
     trace: list[StageTrace] = field(default_factory=list)
     target_evals: torch.Tensor | None = None  # (B,) per-target cost, where targets differ
+    rounds: list[RoundPoint] = field(default_factory=list)  # surf / lm_restarts / portfolio
 
 
 def split_result(res: SolveResult, sizes: list[int]) -> list[SolveResult]:
@@ -106,7 +118,11 @@ def split_result(res: SolveResult, sizes: list[int]) -> list[SolveResult]:
             for t in res.trace
             if t.moved is None or bool(t.moved[lo:hi].any())  # a rescue this job took part in
         ]
-        out.append(SolveResult(res.x[lo:hi], res.objective[lo:hi], evals, trace, cost))
+        rounds = [
+            RoundPoint(r.name, r.x[lo:hi], r.objective[lo:hi], r.target_evals[lo:hi])
+            for r in res.rounds
+        ]
+        out.append(SolveResult(res.x[lo:hi], res.objective[lo:hi], evals, trace, cost, rounds))
         lo = hi
     return out
 
@@ -165,8 +181,24 @@ def _with_last(stages: Iterable[Stage]) -> Iterator[tuple[Stage, bool]]:
     yield prev, True
 
 
-SCHEDULES = ("auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper")
-DEFAULT_SCHEDULE = "auto"
+SCHEDULES = ("portfolio", "auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper")
+DEFAULT_SCHEDULE = "portfolio"
+
+
+def final_stage(stages: Iterable[Stage]) -> Stage:
+    """The stream's last stage, without walking the stream: a list's last item, or what the
+    stream's `final()` hands out (surfing.trajectory.Generators loads only that checkpoint)."""
+    if isinstance(stages, list | tuple):
+        if not stages:
+            raise ValueError("surfing needs at least one checkpoint")
+        return stages[-1]
+    final = getattr(stages, "final", None)
+    if final is None:
+        raise TypeError(
+            "schedule 'portfolio' needs the final network first: pass a list of stages or a "
+            "stream with final() (surfing.trajectory.Generators)"
+        )
+    return final()
 
 
 def resolve_schedule(schedule: str, A: torch.Tensor | None, latent_dim: int | None = None) -> str:
@@ -472,6 +504,12 @@ def surf(
     schedule = resolve_schedule(schedule, A, x_init.shape[1])
     check_prior(prior)
     rule = rule or StageRule()
+    if schedule == "portfolio":
+        from surfing.portfolio import portfolio  # it surfs through this function in turn
+
+        return portfolio(
+            stages, b, x_init, A, steps, lr, tol, final_steps, progress, total, rule, graphs, prior
+        )
     if tol is not None:
         rule = replace(rule, gtol=tol)  # a gradient-norm tolerance ends adaptive stages too
     if total is None and hasattr(stages, "__len__"):
@@ -486,6 +524,7 @@ def surf(
             progress(info)
 
     x, f, cost = _surf_pass(stages, b, x_init, A, opts, report)
+    rounds = [RoundPoint("surf", x, f, cost.clone())]
     per_pass = len(trace)
     rescue = schedule != "paper" and rule.rescue_rtol is not None
     reusable = iter(stages) is not stages  # a one-shot iterator cannot be streamed again
@@ -505,7 +544,8 @@ def surf(
         x, f = x.clone(), f.clone()  # the trace may hold these very tensors (CPU .cpu())
         x[idx[better]], f[idx[better]] = x_r[better], f_r[better]
         cost[idx.cpu()] += c_r
-    return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost)
+        rounds.append(RoundPoint(f"rescue {round_}", x, f, cost.clone()))
+    return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost, rounds)
 
 
 def _rescue_reporter(
@@ -632,9 +672,10 @@ def hybrid(
     progress: Progress | None = None,
     prior: str = "uniform",
 ) -> SolveResult:
-    """Surf, then `restarts` direct descents on the final network; both are polished to
-    convergence (see `polish`) and the lowest objective wins, so per target it is never worse
-    (in objective) than either part. Restarts (and any rescue) draw from the latent `prior`."""
+    """Surf (schedule "auto": one pass, the stream is read once), then `restarts` direct
+    descents on the final network; both are polished to convergence (see `polish`) and the
+    lowest objective wins, so per target it is never worse (in objective) than either part.
+    Restarts draw from the latent `prior`."""
     last: list[nn.Module] = []
 
     def remember(stream: Iterable[Stage]) -> Iterator[Stage]:
@@ -644,8 +685,9 @@ def hybrid(
 
     total = len(stages) if hasattr(stages, "__len__") else None  # type: ignore[arg-type]
     surfed = surf(
-        remember(stages), b, x_init, A, steps, lr, tol, final_steps, progress, total, prior=prior
-    )
+        remember(stages), b, x_init, A, steps, lr, tol, final_steps, progress, total, "auto",
+        prior=prior,
+    )  # fmt: skip
     k = x_init.shape[1]
     restarted = direct_restarts(
         last[0], b, restarts, seed, A, None, direct_steps, lr, tol, prior, latent_dim=k
@@ -705,6 +747,7 @@ def lm_restarts(
 
     x, f, cost = solve(x_init, b)
     report(cost, None, None)
+    points = [RoundPoint("final", x, f, cost.clone())]
     for round_ in range(1, rounds + 1):
         idx = not_fitted(f, b, rtol).nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -717,4 +760,5 @@ def lm_restarts(
         moved = torch.zeros(x.shape[0], dtype=torch.bool)
         moved[idx.cpu()] = True
         report(c_r, moved, round_)
-    return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost)
+        points.append(RoundPoint(f"restart {round_}", x, f, cost.clone()))
+    return SolveResult(x, f, int(round(float(cost.mean()))), trace, cost, points)

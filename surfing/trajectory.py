@@ -89,6 +89,16 @@ class Generators:
         # when done here in the loop; docs/performance.md).
         return {name: t.to(self.device) for name, t in tensors.items()}
 
+    def final(self) -> tuple[int, int, nn.Module]:
+        """The last stage (index, step, G_T), loaded on its own: a solver that starts on the
+        final network (schedule "portfolio") need not walk the stream to reach it."""
+        if not self.indices:
+            raise ValueError("surfing needs at least one checkpoint")
+        index = self.indices[-1]
+        tensors = self._to_device(self.store.load(self.model_id, index))
+        G = checkpoint_generator(self.manifest.arch, tensors)
+        return index, self.manifest.checkpoints[index].step, G
+
     def __iter__(self) -> Iterator[tuple[int, int, nn.Module]]:
         stream = self.store.checkpoints(
             self.model_id,

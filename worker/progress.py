@@ -348,6 +348,12 @@ class Hooked:
     def __len__(self) -> int:
         return len(self.stages)
 
+    def final(self) -> Any:
+        """The stream's last stage (schedule "portfolio" starts there), hooked like the rest."""
+        index, step, G = self.stages.final()
+        G.register_forward_hook(self.tracker.on_forward)
+        return index, step, G
+
     def __iter__(self) -> Any:
         length = len(self.stages) if hasattr(self.stages, "__len__") else None
         self.tracker.begin_stream(length)
