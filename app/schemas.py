@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["surf", "adam", "adam-restarts", "hybrid", "lm-restarts"]
 Schedule = Literal[
-    "auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper"
+    "portfolio", "auto", "adaptive", "adaptive-adam", "lm", "lm-stride", "paper"
 ]  # surfing.solvers.SCHEDULES
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -37,12 +37,16 @@ class SolveOptions(BaseModel):
 
     method: Method = Field(
         "surf",
-        description="surf (descend every recorded checkpoint in training order, each stage "
-        "warm-started from the last, as Alg. 3.1; how each stage descends is `schedule`: by "
-        "default the paper's Adam stage on theta_0, then one Levenberg-Marquardt step per "
-        "checkpoint with Jacobian reuse and skips, LM to convergence on the final network, "
-        "latents kept within 5 sqrt(k), and one re-surf from a fresh prior draw for targets "
-        "not fitted to 1 % (`rescue`)), adam (direct descent on the final "
+        description="surf (by default schedule portfolio: Levenberg-Marquardt on the final "
+        "network from x_init, then up to 2 rounds of fresh starts drawn from the model's latent "
+        "prior for the targets whose relative residual ||A G(x) - b||^2 / ||b||^2 is above "
+        "1e-4; then, only for the targets still not fitted, a surf of the trajectory (every "
+        "recorded checkpoint in training order, each stage warm-started from the last, as "
+        "Alg. 3.1) with schedule lm-stride: the paper's Adam stage on theta_0, one "
+        "Levenberg-Marquardt step per checkpoint with Jacobian reuse and skips, LM to "
+        "convergence on the final network, latents kept within 5 sqrt(k), and its one rescue "
+        "round from a fresh draw (`rescue`); each target keeps its lowest objective; other "
+        "ways of surfing: `schedule`), adam (direct descent on the final "
         "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
         "restarts, lowest objective kept), lm-restarts (Levenberg-Marquardt on the final "
         "network only, from x_init; then up to `restarts` rounds (default 3) of fresh starts "
@@ -52,16 +56,21 @@ class SolveOptions(BaseModel):
     )
     schedule: Schedule | None = Field(
         None,
-        description="How method=surf spends each stage (surfing.solvers): auto (default: "
-        "lm-stride, or paper when m <= 2k; every schedule but paper runs the paper's Adam "
-        "stage on the first checkpoint and re-surfs unfitted targets once), "
-        "adaptive (Adam "
-        "stages that stop per target when the objective stalls, Levenberg-Marquardt on "
-        "the final network), adaptive-adam (the same with Adam at the end), lm "
-        "(Levenberg-Marquardt on every stage), lm-stride (lm that skips checkpoints where a "
-        "target's predicted step is tiny and reuses Jacobians across checkpoints), paper "
-        "(exactly `steps` Adam steps per stage and `final_steps` at the end, Algorithm 3.1 as "
-        "published).",
+        description="How method=surf runs (surfing.solvers). portfolio (default): "
+        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds of fresh prior "
+        "draws for the targets with relative residual above 1e-4 (as lm-restarts), then, for "
+        "the targets still not fitted, a surf of the trajectory with lm-stride and its one "
+        "rescue round; each target keeps its lowest objective; the trajectory is read only "
+        "when some target needs it. The others surf every target from x_init, and every one "
+        "but paper starts with the paper's Adam stage on the first checkpoint and re-surfs "
+        "unfitted targets once (`rescue`): auto (lm-stride, or paper when m <= 2k; the "
+        "default before portfolio), adaptive (Adam stages that stop per target when the "
+        "objective stalls, Levenberg-Marquardt on the final network), adaptive-adam (the "
+        "same with Adam at the end), lm (Levenberg-Marquardt on every stage), lm-stride (one "
+        "LM step per checkpoint, skipping checkpoints where a target's predicted step is tiny "
+        "and reusing Jacobians across checkpoints; LM to convergence on the final network; "
+        "latents within 5 sqrt(k)), paper (exactly `steps` Adam steps per stage and "
+        "`final_steps` at the end, Algorithm 3.1 as published).",
     )
     rescue: bool | None = Field(
         None,
@@ -69,7 +78,9 @@ class SolveOptions(BaseModel):
         "is above 1 % of the target (in norm) surfs the trajectory again from a fresh start and "
         "keeps the better result (default true; on targets that lie on the model's range this "
         "finds the optimum where the first pass missed it). Images off the model's range are "
-        "never fitted that well, so each takes the extra pass: set false to skip it.",
+        "never fitted that well, so each takes the extra pass: set false to skip it. With "
+        "portfolio, false drops only the rescue round after its surf; its restart rounds on "
+        "the final network and the choice of which targets surf keep the same miss test.",
     )
     steps: int | None = Field(
         None,
@@ -105,7 +116,8 @@ class SolveOptions(BaseModel):
         ge=1,
         le=256,
         description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
-        "after the first solve for lm-restarts (default 3).",
+        "after the first solve for lm-restarts (default 3). Not for surf: its portfolio "
+        "schedule always runs 2 restart rounds.",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(
@@ -182,10 +194,12 @@ class Progress(BaseModel):
 
     surf: the trajectory, stage t of T checkpoints; rescue: surf's re-surf of the targets it did
     not fit (round pass_round), T stages again; restart: the R direct descents of hybrid and
-    adam-restarts, run together as one batch (stage = Adam step), or lm-restarts' round
-    pass_round (1 stage); final: hybrid's polish of both candidates on the final network, or
-    lm-restarts' first Levenberg-Marquardt solve (1 stage); adam: direct descent (stage = Adam
-    step). lm-restarts shows each pass once it has finished."""
+    adam-restarts, run together as one batch (stage = Adam step), or the round pass_round of
+    lm-restarts or of surf's portfolio (1 stage); final: hybrid's polish of both candidates on
+    the final network, or the first Levenberg-Marquardt solve of lm-restarts or of surf's
+    portfolio (1 stage); adam: direct descent (stage = Adam step). surf with schedule
+    portfolio (the default) runs final, then restart 1, restart 2, surf and rescue 1, each only
+    while some target is not fitted. lm-restarts shows each pass once it has finished."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -194,7 +208,7 @@ class Progress(BaseModel):
     )
     pass_index: int | None = Field(None, description="Passes before this one (0-based).")
     pass_round: int | None = Field(
-        None, description="Rescue or lm-restarts round (1, 2, ...); else null."
+        None, description="Rescue or restart round (1, 2, ...); else null."
     )
     stage: int | None = Field(None, description="Stage in progress within the pass, 1-based.")
     stages: int | None = Field(
@@ -214,16 +228,27 @@ class Timings(BaseModel):
 
 
 class StageTraceOut(BaseModel):
+    """One stage of the solve, as the solver reported it (surfing.solvers.StageTrace)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
     stage: int
     total: int | None = None
-    index: int
+    index: int = Field(..., description="Checkpoint index (-1: unknown).")
     step: int
     steps_used: int
     objective_mean: float
     x_norm_mean: float
     rescued: int | None = Field(
-        None, description="Rescue stages only: how many of the job's targets this pass re-surfs."
+        None,
+        description="Stages that work on some targets only (a rescue or restart round, "
+        "portfolio's surf of the unfitted targets): how many of the job's targets; else null.",
     )
+    pass_: PassName | None = Field(
+        None, alias="pass", description="The pass this stage belongs to (null in old results)."
+    )
+    pass_round: int | None = Field(None, description="Rescue or restart round; else null.")
+    pass_index: int | None = Field(None, description="Passes before this one (0-based).")
 
 
 class JobResultOut(BaseModel):

@@ -32,7 +32,14 @@ from models_store import ModelStore, default_store_root
 from surfing.lm import CHORD, CHORD_THEN_FRESH, FRESH, SKIP, levenberg_marquardt
 from surfing.measure import gaussian_matrix
 from surfing.nets import InfoGANGenerator
-from surfing.solvers import SolveResult, StageRule, direct, surf, uniform_latents
+from surfing.solvers import (
+    SolveResult,
+    StageRule,
+    direct,
+    lm_restarts,
+    surf,
+    uniform_latents,
+)
 from surfing.trajectory import Generators, final_generator, generators
 
 SUCCESS = 0.01
@@ -46,6 +53,14 @@ class TimedStages:
 
     def __len__(self) -> int:
         return len(self.stages)
+
+    def final(self) -> tuple:
+        """G_T for the schedule "portfolio" (its load counts as waiting too)."""
+        t0 = time.perf_counter()
+        try:
+            return self.stages.final()
+        finally:
+            self.wait += time.perf_counter() - t0
 
     def __iter__(self) -> Iterator:
         it = iter(self.stages)
@@ -229,6 +244,17 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         row = Row("direct LM (no surfing)", dt, ok(lm_res), lm_res.evals, 0.0, 0, pr, dist(lm_res))
         rows.append((row, per_fwd * 2 * float(lm.evals.sum()) / args.targets))
 
+    if args.lm_restarts is not None:
+        pr = probe(G, b, x_init, A)
+        t0 = time.perf_counter()
+        lr_res = lm_restarts(G, b, x_init, A, rounds=args.lm_restarts)
+        sync(dev)
+        dt = time.perf_counter() - t0
+        name = f"lm-restarts, {args.lm_restarts} rounds (no surfing)"
+        row = Row(name, dt, ok(lr_res), lr_res.evals, 0.0, 0, pr, dist(lr_res))
+        rows.append((row, per_fwd * 2 * lr_res.evals))
+        print(f"  {name}: {dt:.1f}s success {ok(lr_res):.3f} evals {lr_res.evals}", flush=True)
+
     copies = args.compressed if (m or 0) in args.compressed_m else []
     for model_id in [args.model, *copies]:
         disk = sum(c.bytes for c in store.manifest(model_id).checkpoints)
@@ -341,7 +367,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--m", type=int, nargs="*", default=[0, 50], help="0 = identity")
     p.add_argument("--skip-operators", action="store_true", help="only the batching part")
-    p.add_argument("--variants", nargs="+", default=["paper", "adaptive"])
+    p.add_argument("--variants", nargs="+", default=["portfolio", "paper", "auto"])
     p.add_argument("--compressed", nargs="*", default=[], help="compressed copies of --model")
     p.add_argument("--compressed-variants", nargs="*", default=["paper", "adaptive"])
     p.add_argument("--compressed-m", type=int, nargs="*", default=[0], help="operators for them")
@@ -352,6 +378,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lm-stage-iters", type=int, default=0, help="override StageRule's")
     p.add_argument("--direct-lm", action="store_true", help="also time LM on G_T alone")
+    p.add_argument("--lm-restarts", type=int, help="also time lm-restarts with R rounds")
     p.add_argument("--batch-targets", type=int, default=0, help="0 = skip batching comparison")
     p.add_argument("--single-jobs", type=int, default=5)
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -314,8 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-restarts: LM on the final network, then fresh starts for misfits")
     i.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")
     i.add_argument("--seed", type=int, default=0, help="seed of A and of x_init")
-    i.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE,
-                   help="surfing stage schedule ('paper' = fixed Adam steps per checkpoint)")
+    i.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=DEFAULT_SCHEDULE,
+        help=f"how to surf (default {DEFAULT_SCHEDULE}: LM on the final network and restarts, "
+        "the trajectory only for a miss; 'paper' = fixed Adam steps per checkpoint)",
+    )
     i.add_argument("--steps", type=int, default=20, help="Adam steps (cap) per surfing stage")
     i.add_argument("--final-steps", type=int, default=1000, help="Adam steps on the last network")
     i.add_argument("--direct-steps", type=int, default=2000, help="Adam steps for --method adam")
@@ -378,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--method",
                     choices=["surf", "adam", "adam-restarts", "hybrid", "lm-restarts"],
                     default="surf")
-    sb.add_argument("--schedule", choices=SCHEDULES, help="surf only (server default: auto)")
+    sb.add_argument(
+        "--schedule", choices=SCHEDULES, help=f"surf only (server default: {DEFAULT_SCHEDULE})"
+    )
     sb.add_argument("--rescue", action=argparse.BooleanOptionalAction,
                     help="surf only: re-surf targets not fitted (server default: on)")
     sb.add_argument("--measurements", type=int, help="m: compressed sensing with a Gaussian A")

@@ -62,8 +62,9 @@ def load_target(path: str, shape: list[int], value_range: list[float]) -> torch.
 
 
 class StageBars:
-    """One tqdm bar per pass over the trajectory (surf, then each rescue round): a bar counts
-    its own T stages instead of jumping back when a rescue starts."""
+    """One tqdm bar per pass (surf, then each rescue round; the portfolio's LM solve and
+    restart rounds on the final network first, one stage each): a bar counts its own stages
+    instead of jumping back when a new pass starts."""
 
     def __init__(self, stages: int, enabled: bool = True) -> None:
         self.stages, self.enabled = stages, enabled
@@ -76,8 +77,15 @@ class StageBars:
             self.close()
             name = key[0] if key[1] is None else f"{key[0]} {key[1]}"
             self.key = key
-            self.bar = tqdm(total=self.stages, desc=name, unit="stage", file=sys.stderr,
-                            disable=not self.enabled, leave=True)
+            total = self.stages if key[0] in ("surf", "rescue") else 1  # final, restart r
+            self.bar = tqdm(
+                total=total,
+                desc=name,
+                unit="stage",
+                file=sys.stderr,
+                disable=not self.enabled,
+                leave=True,
+            )
         assert self.bar is not None
         self.bar.set_postfix(step=info.step, objective=f"{info.objective_mean:.3g}")
         self.bar.update(1)
@@ -140,9 +148,17 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
     if args.method in ("surf", "both"):
         stages = generators(store, args.model, stride=args.stride)
         schedule = resolve_schedule(args.schedule, A, manifest.latent_dim)
-        if show:
-            print(f"invert: surfing {len(stages)} checkpoints of {args.model} "
-                  f"(schedule {schedule})", file=sys.stderr)
+        if show and schedule == "portfolio":
+            print(
+                f"invert: Levenberg-Marquardt on the final network of {args.model}, then "
+                f"surfing its {len(stages)} checkpoints if that misses (schedule portfolio)",
+                file=sys.stderr,
+            )
+        elif show:
+            print(
+                f"invert: surfing {len(stages)} checkpoints of {args.model} (schedule {schedule})",
+                file=sys.stderr,
+            )
         bars = StageBars(len(stages), show)
         try:
             results["surf"] = surf(
@@ -186,7 +202,8 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
             np.save(path, recon[0].numpy(), allow_pickle=False)
         if name == "surf":  # what each stage did (the schedule shows here)
             report["stages"] = [
-                {"step": t.step, "steps_used": t.steps_used, "objective": t.objective_mean}
+                {"pass": t.pass_name if t.pass_round is None else f"{t.pass_name} {t.pass_round}",
+                 "step": t.step, "steps_used": t.steps_used, "objective": t.objective_mean}
                 for t in res.trace
-            ]
+            ]  # fmt: skip
         print(json.dumps(report))

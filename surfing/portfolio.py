@@ -95,8 +95,9 @@ def portfolio(
         here = moved.clone()
         if info.moved is not None:  # a rescue round within the subset
             here[idx.cpu()] = info.moved
-        report(replace(info, stage=offset + info.stage, objective=full_f, x_norm=full_norm,
-                       action=None, moved=here))  # fmt: skip
+        total = None if info.total is None else offset + info.total  # stage <= total - 1
+        report(replace(info, stage=offset + info.stage, total=total, objective=full_f,
+                       x_norm=full_norm, action=None, moved=here))  # fmt: skip
 
     second = surf(
         stages, b[idx], x_init[idx], A, steps, lr, tol, final_steps, report_subset,

@@ -14,6 +14,8 @@ so every target follows exactly the path it would follow alone (generators are i
 - `hybrid`: surf plus restarts on the final network, lowest objective kept per target.
 - `lm_restarts`: Levenberg–Marquardt on the final network, then fresh starts for the targets
   it did not fit (the strongest baseline that never touches the trajectory, issue 16).
+- schedule "portfolio" (the default, surfing.portfolio): `lm_restarts` first, then `surf`
+  only for the targets it left unfitted.
 """
 
 from __future__ import annotations
@@ -212,6 +214,8 @@ def resolve_schedule(schedule: str, A: torch.Tensor | None, latent_dim: int | No
     Callers that want a fixed method name it."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    # "portfolio" (the default) is not resolved here: surfing.portfolio runs lm_restarts, then
+    # "lm-stride" for the targets still unfitted, at every m
     if schedule != "auto":
         return schedule
     if A is not None and latent_dim is not None and A.shape[0] <= 2 * latent_dim:
@@ -471,10 +475,13 @@ def surf(
 ) -> SolveResult:
     """Algorithm 3.1: descend each f_t warm-started from x_{t-1}, ending on the final network.
 
-    schedule "paper": exactly `steps` Adam steps per stage (fewer if every gradient norm is
-    below `tol`) and `final_steps` on the last network -- the paper's method, kept as the
-    reference. "auto" (default): the fastest measured schedule, currently "lm-stride" (see
-    resolve_schedule). "adaptive": per-target Adam stages that stop when the target's stage
+    schedule "portfolio" (default): not a pass over the trajectory first, but Levenberg–Marquardt
+    with restarts on the final network, then "lm-stride" surfing only for the targets that did
+    not fit (surfing.portfolio; needs a list or a stream with `final()`). "paper": exactly
+    `steps` Adam steps per stage (fewer if every gradient norm is below `tol`) and
+    `final_steps` on the last network -- the paper's method, kept as the reference. "auto":
+    the default until issue 16, "lm-stride", or "paper" when m <= 2k (see resolve_schedule).
+    "adaptive": per-target Adam stages that stop when the target's stage
     objective stalls (see StageRule; `steps` is the cap, so no target does more work per stage
     than the paper) and Levenberg–Marquardt on the last network, which converges in a few
     k×k solves where Adam needs ~1000 steps. "adaptive-adam": the same stages, but masked Adam

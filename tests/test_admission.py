@@ -113,9 +113,16 @@ def test_compute_cap(models_dir: Path, tmp_path: Path) -> None:
         two = c.post("/invert", json={**BODY, "image": [IMAGE, IMAGE], "direct_steps": 600},
                      headers=h)
         assert too_many(two, "compute")["estimate"] == 2 * 600  # targets count
-        # surf on 4 checkpoints: 3 x steps + final_steps, x 2 for the rescue pass
-        assert too_many(post(steps=100, final_steps=300), "compute")["estimate"] == 1200
-        assert post(steps=100, final_steps=300, rescue=False).status_code == 202  # 600
+        # surf on 4 checkpoints: 3 x steps + final_steps, x 2 for the rescue pass; the
+        # default schedule (portfolio) adds LM on G_T and its restart rounds: (1 + 2) solves
+        # of at most 40 Jacobians, (k + 2) / 2 evaluations each (k = 2)
+        lm = (1 + 2) * 40 * (2 + 2) // 2
+        auto = post(steps=100, final_steps=300, schedule="auto")
+        assert too_many(auto, "compute")["estimate"] == 1200
+        assert too_many(post(steps=100, final_steps=300), "compute")["estimate"] == 1200 + lm
+        portfolio = post(steps=100, final_steps=300, schedule="portfolio")
+        assert too_many(portfolio, "compute")["estimate"] == 1200 + lm
+        assert post(steps=100, final_steps=300, rescue=False).status_code == 202  # 600 + lm
         stages = len(select_indices(4, 2))
         hybrid = post(method="hybrid", stride=2, steps=100, final_steps=300, direct_steps=200)
         assert too_many(hybrid, "compute")["estimate"] == (stages - 1) * 100 + 300 + 4 * 200
@@ -133,6 +140,12 @@ def test_estimate_uses_the_solver_defaults() -> None:
     assert admission.estimate_evals("adam", {}, 3) == 3 * direct["steps"].default
     paper = {"stages": 5, "schedule": "paper"}
     assert admission.estimate_evals("surf", paper, 1) == 4 * 20 + 1000
+    from surfing import portfolio
+
+    assert admission.DEFAULT_SCHEDULE == solvers.DEFAULT_SCHEDULE == "portfolio"
+    rounds = inspect.signature(portfolio.portfolio).parameters["rounds"].default
+    assert admission.PORTFOLIO_ROUNDS == portfolio.PORTFOLIO_ROUNDS == rounds
+    assert admission.LM_ITERS == solvers.StageRule().lm_iters
 
 
 def test_idempotency_key(models_dir: Path, tmp_path: Path) -> None:

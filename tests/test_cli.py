@@ -140,6 +140,21 @@ def test_invert_shows_progress_per_pass_on_stderr(tiny_store, tmp_path, capsys) 
     assert capsys.readouterr().err == ""
 
 
+def test_invert_default_shows_the_passes_on_g_t_then_the_surf(tiny_store, tmp_path, capsys):
+    to_png(torch.rand(1, 28, 28), tmp_path / "t.png")  # off the range: every pass runs
+    _invert(tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "3")
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert "Levenberg-Marquardt on the final network of tiny" in err and "portfolio" in err
+    passes = [s["pass"] for s in report["stages"]]
+    assert passes == ["final", "restart 1", "restart 2"] + ["surf"] * 4 + ["rescue 1"] * 4
+    for name, total in (("final", 1), ("restart 1", 1), ("restart 2", 1), ("surf", 4),
+                        ("rescue 1", 4)):  # fmt: skip
+        assert f"{name}: 100%" in err and f"{total}/{total}" in err
+    steps = [s["step"] for s in report["stages"]]
+    assert steps[:3] == [steps[-1]] * 3  # the passes on G_T name its step
+
+
 def test_invert_scale_writes_target_reconstruction_difference(tiny_store, tmp_path, capsys):
     import numpy as np
     from PIL import Image

@@ -46,8 +46,11 @@ PASS_KEYS = {"pass", "pass_index", "pass_round", "stage", "stages", "step", "obj
 # ---- the tracker: what the worker writes -----------------------------------------------------
 
 
-def _recorded(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, **options: Any) -> list[dict]:
-    """Run one job (every progress write kept: interval 0) and return its written rows."""
+def _recorded(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, image: Any = FLAT, **options: Any
+) -> list[dict]:
+    """Run one job on `image` (every progress write kept: interval 0) and return its written
+    rows."""
     rows: list[dict[str, Any]] = []
     real = wp.touch
 
@@ -59,7 +62,7 @@ def _recorded(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, **options: A
     opts = SolveOptions.model_validate(options)
     with env["sessions"]() as s:
         job_id = create_invert_job(
-            s, env["store"], env["settings"], env["queue"], "tiny", opts, FLAT, "test"
+            s, env["store"], env["settings"], env["queue"], "tiny", opts, image, "test"
         ).id
     settings = env["settings"].model_copy(update={"progress_interval_s": 0.0})
     wj.run_job(job_id, settings)

@@ -283,3 +283,47 @@ def test_beyond(store: ModelStore, tmp_path: Path) -> None:
     assert len(errors) == 12 and all(0 <= float(r["median pixel error"]) <= 1 for r in errors)
     assert (tmp_path / "beyond_tiny-k2_real.png").stat().st_size > 1000
     assert "<!-- BEGIN beyond-tiny-k2 -->" in (tmp_path / "results.md").read_text()
+
+
+def test_strongest_reads_curves_off_one_run(
+    store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16's grid: one point per pass of each run. LM from x_init is the same first pass of
+    lm-restarts and of every portfolio, so their first points must agree; rounds only add cost,
+    and on exact-recovery targets a restart never loses a success (fitted targets stay put)."""
+    out = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0", "2k",
+                  "--trials", "6", "--rounds", "3", "--strides", "1", "2",
+                  "--rescue-rounds", "1", "--portfolio-rounds", "0", "1", "--adam", *TINY)
+    rows = out["rows"]  # type: ignore[index]
+    assert {r["setting"] for r in rows} == {"A = I", "m = 4"}
+    for setting in ("A = I", "m = 4"):
+        mine = [r for r in rows if r["setting"] == setting]
+        lm = [r for r in mine if r["method"] == "lm-restarts"]
+        assert [r["after"] for r in lm][0] == "final" and len(lm) <= 4
+        pairs = list(zip(lm, lm[1:], strict=False))
+        assert all(a["evals / target"] <= b["evals / target"] for a, b in pairs)
+        assert all(a["success %"] <= b["success %"] for a, b in pairs)
+        for p in ("portfolio p=0", "portfolio p=1"):
+            first = next(r for r in mine if r["method"] == p)
+            assert (first["success %"], first["evals / target"]) == (
+                lm[0]["success %"], lm[0]["evals / target"])
+        assert [r["end"] for r in mine if r["method"] == "adam"] == [True]
+        assert {r["evals / target"] for r in mine if r["method"] == "adam"} == {10.0}
+        strides = [r for r in mine if r["method"].startswith("lm-stride") and r["end"]]
+        assert len(strides) == 2
+    check_outputs(tmp_path, "strongest-grid", ["strongest.csv", "strongest_curves.png"])
+    # --merge keeps the rows of settings not re-run; --real adds off-range targets
+    from surfing.experiments import fig4
+
+    fake = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(fig4, "load_fashion_mnist", lambda split, d=None: (fake, None))
+    again = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0",
+                    "--trials", "4", "--rounds", "1", "--strides", "1", "--portfolio-rounds",
+                    "0", "--real", "3", "--merge", *TINY)
+    real = again["real"]  # type: ignore[index]
+    assert [r["method"] for r in real] == ["lm-restarts", "lm-stride s=1", "portfolio p=0"]
+    assert all(0 <= r["median pixel error"] <= 1 and r["images"] == 3 for r in real)
+    with (tmp_path / "strongest.csv").open() as fh:
+        kept = list(csv.DictReader(fh))
+    assert {r["setting"] for r in kept} == {"A = I", "m = 4"}
+    assert {r["trials"] for r in kept if r["setting"] == "A = I"} == {"4"}

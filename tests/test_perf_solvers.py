@@ -68,7 +68,9 @@ def test_masked_adam_paths_match_torch_adam_step_by_step() -> None:
         assert torch.all(f <= f_ref + 1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["auto", "adaptive", "adaptive-adam", "lm", "lm-stride"])
+@pytest.mark.parametrize(
+    "schedule", ["portfolio", "auto", "adaptive", "adaptive-adam", "lm", "lm-stride"]
+)
 def test_masked_batches_give_each_target_its_solo_result(tmp_path: Path, schedule: str) -> None:
     store = interpolated_trajectory(tmp_path, "batch", n_ckpt=6)
     G = final_generator(store, "batch")
@@ -88,7 +90,10 @@ def test_masked_batches_give_each_target_its_solo_result(tmp_path: Path, schedul
         assert torch.allclose(alone.x, together.x[i : i + 1], atol=1e-5), (schedule, i)
 
 
-def test_adaptive_surf_recovers_the_planted_optimum_with_fewer_evals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["portfolio", "auto"])
+def test_adaptive_surf_recovers_the_planted_optimum_with_fewer_evals(
+    tmp_path: Path, schedule: str
+) -> None:
     store = interpolated_trajectory(tmp_path, "planted", n_ckpt=8)
     G = final_generator(store, "planted")
     x_star = uniform_latents(6, 2, seed=3)
@@ -98,7 +103,9 @@ def test_adaptive_surf_recovers_the_planted_optimum_with_fewer_evals(tmp_path: P
     paper = surf(
         generators(store, "planted"), b, x0, steps=100, lr=0.02, final_steps=1500, schedule="paper"
     )
-    fast = surf(generators(store, "planted"), b, x0, steps=100, lr=0.02, final_steps=1500)
+    fast = surf(
+        generators(store, "planted"), b, x0, steps=100, lr=0.02, final_steps=1500, schedule=schedule
+    )
     ok_paper = (paper.x - x_star).norm(dim=1) < 1e-2
     ok_fast = (fast.x - x_star).norm(dim=1) < 1e-2
     assert ok_paper.all() and ok_fast.all()
@@ -165,23 +172,27 @@ def test_unknown_schedule_is_refused(tmp_path: Path) -> None:
         surf(generators(store, "s"), torch.zeros(1, 100), torch.zeros(1, 2), schedule="fast")
 
 
-def test_coalesced_jobs_split_back_into_their_solo_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["portfolio", "auto"])
+def test_coalesced_jobs_split_back_into_their_solo_results(tmp_path: Path, schedule: str) -> None:
     store = interpolated_trajectory(tmp_path, "jobs", n_ckpt=5)
     G = final_generator(store, "jobs")
     with torch.no_grad():
         b = G(uniform_latents(5, 2, seed=7)).flatten(1)
     x0 = uniform_latents(5, 2, seed=8)
     jobs = [(b[:2], x0[:2]), (b[2:], x0[2:])]
-    together = surf(
-        generators(store, "jobs"), torch.cat([j[0] for j in jobs]), torch.cat([j[1] for j in jobs])
-    )
+    b_all, x_all = torch.cat([j[0] for j in jobs]), torch.cat([j[1] for j in jobs])
+    together = surf(generators(store, "jobs"), b_all, x_all, schedule=schedule)
     parts = split_result(together, [2, 3])
     for (bj, xj), part in zip(jobs, parts, strict=True):
-        alone = surf(generators(store, "jobs"), bj, xj)
+        alone = surf(generators(store, "jobs"), bj, xj, schedule=schedule)
         assert torch.allclose(part.x, alone.x, atol=1e-5)
         assert torch.allclose(part.objective, alone.objective, atol=1e-6, rtol=1e-4)
         assert part.evals == alone.evals
-        assert len(part.trace) == len(alone.trace) == 5
+        assert [(t.stage, t.pass_name) for t in part.trace] == [
+            (t.stage, t.pass_name) for t in alone.trace
+        ]
+        if schedule == "auto":  # one pass, every target fitted: no rescue
+            assert len(part.trace) == 5
         assert part.trace[-1].objective.shape == (xj.shape[0],)
     with pytest.raises(ValueError, match="add up"):
         split_result(together, [2, 2])
@@ -199,7 +210,7 @@ def test_auto_schedule_is_lm_stride_except_with_few_measurements(tmp_path: Path)
     cases += ((gaussian_matrix(3, 4, 100), "paper"),)
     for M, expected in cases:
         b = y if M is None else y @ M.T
-        auto = surf(generators(store, "auto"), b, x0, M, steps=3, final_steps=5)
+        auto = surf(generators(store, "auto"), b, x0, M, steps=3, final_steps=5, schedule="auto")
         same = surf(generators(store, "auto"), b, x0, M, steps=3, final_steps=5, schedule=expected)
         assert torch.equal(auto.x, same.x) and auto.evals == same.evals
     assert resolve_schedule("auto", gaussian_matrix(3, 4, 100), 2) == "paper"
@@ -329,8 +340,8 @@ def test_not_fitted_is_relative_to_the_target_and_flags_non_finite() -> None:
 def test_rescue_restarts_only_the_stuck_targets_and_never_worsens_one() -> None:
     x0 = [-0.9, -0.7, -0.6, -0.5, -0.45, -0.4, 0.6, 0.8]
     stages, b, x_init = two_basin_problem(x0)
-    off = surf(stages, b, x_init, rule=StageRule(rescue_rtol=None))
-    on = surf(stages, b, x_init)
+    off = surf(stages, b, x_init, schedule="auto", rule=StageRule(rescue_rtol=None))
+    on = surf(stages, b, x_init, schedule="auto")
     stuck = (off.x - 0.5).abs().squeeze(1) > 1e-2
     assert stuck[:6].all() and not stuck[6:].any()  # descent from x < 1/4 misses x*
     restart = restart_latents(x_init, 1)
@@ -352,22 +363,22 @@ def test_rescue_restarts_only_the_stuck_targets_and_never_worsens_one() -> None:
 
 def test_rescue_rounds_and_one_shot_streams() -> None:
     stages, b, x_init = two_basin_problem([-0.9, -0.7, -0.6, -0.5, -0.45, -0.4])
-    one = surf(stages, b, x_init)
-    two = surf(stages, b, x_init, rule=StageRule(rescue_rounds=2))
+    one = surf(stages, b, x_init, schedule="auto")
+    two = surf(stages, b, x_init, schedule="auto", rule=StageRule(rescue_rounds=2))
     solved = lambda r: int(((r.x - 0.5).abs() < 1e-2).sum())  # noqa: E731
     assert solved(two) >= solved(one) and torch.all(two.objective <= one.objective)
     assert len(two.trace) in (6, 9)
-    once = surf(iter(stages), b, x_init)  # cannot be streamed twice: no rescue
-    plain = surf(stages, b, x_init, rule=StageRule(rescue_rtol=None))
+    once = surf(iter(stages), b, x_init, schedule="auto")  # cannot be streamed twice: no rescue
+    plain = surf(stages, b, x_init, schedule="auto", rule=StageRule(rescue_rtol=None))
     assert torch.equal(once.x, plain.x) and len(once.trace) == 3
 
 
 def test_coalesced_jobs_with_a_rescue_split_back_into_their_solo_results() -> None:
     stages, b, x_init = two_basin_problem([0.6, 0.8, -0.9, -0.7, -0.6, -0.5])
-    together = surf(stages, b, x_init)
+    together = surf(stages, b, x_init, schedule="auto")
     parts = split_result(together, [2, 4])  # job 1 is fitted at once, job 2 needs a rescue
     for (lo, hi), part in zip(((0, 2), (2, 6)), parts, strict=True):
-        alone = surf(stages, b[lo:hi], x_init[lo:hi])
+        alone = surf(stages, b[lo:hi], x_init[lo:hi], schedule="auto")
         assert torch.allclose(part.x, alone.x, atol=1e-6)
         assert part.evals == alone.evals
         assert [t.stage for t in part.trace] == [t.stage for t in alone.trace]

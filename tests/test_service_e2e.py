@@ -222,40 +222,61 @@ def _png(image: np.ndarray) -> bytes:
 # ---- the flows -------------------------------------------------------------------------------
 
 
-def test_an_off_range_image_is_rescued_unless_the_client_says_no(service: Service) -> None:
+@pytest.mark.parametrize("schedule", ["portfolio", "auto"])
+def test_an_off_range_image_is_rescued_unless_the_client_says_no(
+    service: Service, schedule: str
+) -> None:
     """A constant image is off the tiny model's range: surf re-surfs it from a fresh start,
-    which shows in the trace and the progress; rescue=false keeps one pass."""
+    which shows in the trace and the progress; rescue=false keeps one pass. The default,
+    portfolio, first runs LM on G_T and its two restart rounds (every one misses here)."""
     flat = np.full((1, 28, 28), 0.5).tolist()
     done = {}
     for rescue in (None, False):
         extra = {} if rescue is None else {"rescue": rescue}
-        job_id = service.submit("/invert", json={"model_id": "tiny", "image": flat, **extra})
+        body = {"model_id": "tiny", "image": flat, **extra}
+        if schedule != "portfolio":
+            body["schedule"] = schedule
+        job_id = service.submit("/invert", json=body)
         done[rescue] = service.wait(job_id)
         assert done[rescue]["status"] == "succeeded", done[rescue]
     rescued, plain = done[None], done[False]
-    assert [t.get("rescued") for t in rescued["result"]["trace"]] == [None] * 4 + [1] * 4
+    # portfolio: "final" on G_T (all targets), "restart" 1 and 2 and the surf on the one target
+    head, first = ([], 0) if schedule == "auto" else (["final", "restart", "restart"], 3)
+    passes = [(t.get("pass"), t.get("rescued")) for t in rescued["result"]["trace"]]
+    surf_moved = None if schedule == "auto" else 1  # portfolio surfs a subset: this target
+    assert passes == [(p, None if p == "final" else 1) for p in head] + [
+        ("surf", surf_moved)] * 4 + [("rescue", 1)] * 4  # fmt: skip
     # The rescue is its own pass with its own stage counter (never a grown total).
     progress = rescued["progress"]
-    assert (progress["pass"], progress["pass_index"], progress["pass_round"]) == ("rescue", 1, 1)
+    assert (progress["pass"], progress["pass_index"], progress["pass_round"]) == (
+        "rescue", first + 1, 1)  # fmt: skip
     assert progress["stage"] == progress["stages"] == 4
-    assert [t.get("rescued") for t in plain["result"]["trace"]] == [None] * 4
-    assert plain["progress"]["pass"] == "surf" and plain["progress"]["pass_index"] == 0
+    assert [t.get("pass") for t in plain["result"]["trace"]] == head + ["surf"] * 4
+    assert plain["progress"]["pass"] == "surf" and plain["progress"]["pass_index"] == first
     assert plain["progress"]["stage"] == plain["progress"]["stages"] == 4
     assert rescued["result"]["objective"][0] <= plain["result"]["objective"][0]
 
 
-def test_invert_json_recovers_the_latent(service: Service) -> None:
+@pytest.mark.parametrize("schedule", ["portfolio", "auto"])
+def test_invert_json_recovers_the_latent(service: Service, schedule: str) -> None:
     y = _target(service)
-    job_id = service.submit("/invert", json={"model_id": "tiny", "image": y[0].tolist(), **FAST})
-    job = service.wait(job_id)
+    body = {"model_id": "tiny", "image": y[0].tolist(), **FAST}
+    if schedule != "portfolio":  # the default
+        body["schedule"] = schedule
+    job = service.wait(service.submit("/invert", json=body))
     assert job["status"] == "succeeded", job
     res = job["result"]
     assert res["pixel_error"][0] < 1e-8
     assert np.allclose(res["latent"][0], X_STAR[0], atol=1e-3)
     assert res["objective"][0] < 1e-6
     assert res["measurement_residual"] is None
-    assert len(res["trace"]) == 4 and [t["stage"] for t in res["trace"]] == [1, 2, 3, 4]
-    assert job["progress"]["stage"] == job["progress"]["stages"] == 4
+    if schedule == "auto":  # one pass over the 4 checkpoints
+        assert len(res["trace"]) == 4 and [t["stage"] for t in res["trace"]] == [1, 2, 3, 4]
+        assert job["progress"]["stage"] == job["progress"]["stages"] == 4
+    else:  # LM on G_T fits it at once: one stage on the last checkpoint, the stream unread
+        assert [(t["pass"], t["index"], t["stage"]) for t in res["trace"]] == [("final", 3, 1)]
+        assert job["progress"]["pass"] == "final"
+        assert job["progress"]["stage"] == job["progress"]["stages"] == 1
     assert job["attempt"] == 1 and job["timings"]["run_s"] is not None
     png = service.client.get(res["reconstruction_url"] + "?scale=2")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"

@@ -133,9 +133,21 @@ def test_progress_callback_sees_every_stage_and_can_abort(tmp_path) -> None:
         steps=2,
         final_steps=2,
         progress=seen.append,
+        schedule="auto",
         rule=StageRule(rescue_rtol=None),  # b = 0 is off the range: it would be rescued
     )
     assert [s.stage for s in seen] == [0, 1, 2, 3, 4] and seen[0].total == 5
+
+    # the default (portfolio): LM on G_T and its restart rounds, then the surf of the target
+    # none of them fitted (b = 0 never is); stages count on across the passes
+    seen.clear()
+    surf(generators(store, "progress"), b, torch.zeros(1, 2), steps=2, final_steps=2,
+         progress=seen.append, rule=StageRule(rescue_rtol=None))  # fmt: skip
+    assert [s.stage for s in seen] == list(range(8))
+    assert [(s.pass_name, s.pass_round) for s in seen] == [
+        ("final", None), ("restart", 1), ("restart", 2)] + [("surf", None)] * 5  # fmt: skip
+    assert [s.index for s in seen] == [4, 4, 4, 0, 1, 2, 3, 4]
+    assert all(s.stage < s.total for s in seen) and seen[-1].total == 8
 
     class Stop(Exception):
         pass

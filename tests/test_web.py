@@ -83,6 +83,26 @@ def test_page_and_its_assets_are_served_locally(client: TestClient) -> None:
     assert client.get('/ui/jobs/"><script>').status_code == 404
 
 
+def test_the_page_offers_every_schedule_and_names_the_default(client: TestClient) -> None:
+    """The page's form is static HTML: its schedule choices must be the API's (app.schemas
+    Schedule = surfing.solvers.SCHEDULES), the empty one the server's default."""
+    from typing import get_args
+
+    from app.schemas import Schedule
+    from surfing.solvers import DEFAULT_SCHEDULE, SCHEDULES
+
+    page = client.get("/").text
+    select = re.search(r'<select id="schedule"[^>]*>(.*?)</select>', page, re.S)
+    assert select is not None
+    options = re.findall(r"<option( value=\"[^\"]*\")?>([^<]*)</option>", select.group(1))
+    assert options[0] == (' value=""', f"{DEFAULT_SCHEDULE} (default)")
+    named = [label for value, label in options[1:] if not value]
+    assert sorted([DEFAULT_SCHEDULE, *named]) == sorted(get_args(Schedule)) == sorted(SCHEDULES)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["InvertRequest"]
+    enum = next(a["enum"] for a in schema["properties"]["schedule"]["anyOf"] if "enum" in a)
+    assert set(enum) == set(SCHEDULES) and "portfolio" in enum
+
+
 def test_docs_and_redoc_use_installed_assets(client: TestClient) -> None:
     for path, assets in [("/docs", ["swagger-ui-bundle.js", "swagger-ui.css"]),
                          ("/redoc", ["redoc.standalone.js"])]:

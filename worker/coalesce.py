@@ -12,9 +12,12 @@ A job may join another's pass only when that cannot change its answer:
 - the same matrix A (same seed and m, or byte-identical explicit matrices);
 - a method whose per-target path ignores the rest of the batch. hybrid and adam-restarts draw
   their starts for the whole batch from one seed, and Adam with a gradient tolerance stops
-  when *every* target is below it, so those always run alone. lm-restarts draws each target's
-  restarts from its own x_init and the seed (`surfing.solvers.restart_latents`), so it
-  shares a pass with jobs of the same seed.
+  when *every* target is below it (so does the Adam stage on theta_0 that every surf schedule
+  runs), so those always run alone. lm-restarts draws each target's restarts from its own
+  x_init and the seed (`surfing.solvers.restart_latents`), so it shares a pass with jobs of
+  the same seed. surf's default schedule, portfolio, draws its restarts and rescues from each
+  target's x_init with fixed salts, and which targets surf depends only on their own
+  residuals, so its jobs share a pass whatever their seeds.
 
 Only first attempts share a pass. A retry (a job re-queued after its attempt was lost, perhaps
 because that very job crashed its worker) runs alone: its leader never takes companions
@@ -41,10 +44,8 @@ SCAN_LIMIT = 500
 
 def can_share_pass(method: str, params: dict[str, Any]) -> bool:
     """True when a job's targets follow the same path inside a bigger batch as alone."""
-    if method == "surf":  # the paper schedule's tol is a whole-batch test ("auto" may pick it)
-        return params.get("tol") is None or params.get("schedule") not in (None, "auto", "paper")
-    if method == "adam":
-        return params.get("tol") is None
+    if method in ("surf", "adam"):  # tol ends an Adam stage (surf: at least θ_0's) only once
+        return params.get("tol") is None  # every target of the batch is below it
     if method == "lm-restarts":  # per-target LM and per-target restart draws
         return True
     return False  # hybrid, adam-restarts: restart starts are drawn for the batch as a whole

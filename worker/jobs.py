@@ -43,6 +43,7 @@ from surfing.solvers import (
     LM_RESTART_ROUNDS,
     SolveResult,
     StageRule,
+    StageTrace,
     direct,
     direct_restarts,
     hybrid,
@@ -313,7 +314,7 @@ def solve_pass(
             measurement_residual=None
             if residual is None
             else [_finite(v) for v in residual[lo:hi].cpu().double().tolist()],
-            trace=[{**t.to_dict(), "stage": t.stage + 1} for t in part.trace],
+            trace=trace_entries(part.trace),
             evals=int(part.evals),
             device=str(device),
             solve_seconds=solve_s,
@@ -330,6 +331,20 @@ def solve_pass(
         targets=int(job.b.shape[0]),
         objective=parts[0].objective.detach().cpu().double().tolist(),
     )
+
+
+def trace_entries(trace: list[StageTrace]) -> list[dict[str, Any]]:
+    """The result's trace (app.schemas.StageTraceOut): 1-based stages, each with its pass
+    (surf, rescue, final, restart), round and pass index, so a reader can tell portfolio's
+    passes on G_T from its surf and rescue without counting stages."""
+    out, index, prev = [], -1, None
+    for t in trace:
+        key = (t.pass_name, t.pass_round)
+        index += key != prev
+        prev = key
+        out.append({**t.to_dict(), "stage": t.stage + 1, "pass": t.pass_name,
+                    "pass_round": t.pass_round, "pass_index": index})  # fmt: skip
+    return out
 
 
 def _finite(v: float) -> float | None:

@@ -13,16 +13,20 @@ Progress is a sequence of *passes*, each with its own stage counter that never g
     rescue   surf's re-surf of targets not fitted, round r, again T stages step = checkpoint's
     restart  hybrid's / adam-restarts' R direct descents, run together as one batch:
              stage = Adam step s of `direct_steps`                          step = None
-             lm-restarts' restart round r, 1 of 1                           step = G_T's
+             lm-restarts' (and portfolio's) restart round r, 1 of 1         step = G_T's
     final    hybrid's polish of both candidates on the final network, 1 of 1
-             lm-restarts' first Levenberg-Marquardt solve, 1 of 1           step = G_T's
+             lm-restarts' (and portfolio's) first LM solve on G_T, 1 of 1   step = G_T's
     adam     direct descent: stage = Adam step s of `direct_steps`
 
-A pass starts when the stage stream is iterated again (rescue) or the forward passes move on
-(hybrid's restarts, then its polish), or when a stage reports a new pass (lm-restarts' rounds,
-shown once finished); every start and every finished pass is written at once, so even a short
-pass shows. `stage`/`stages` (the old columns) keep counting the whole run
-against the job's fixed `stages`; they no longer grow when a rescue starts.
+Method surf with schedule "portfolio" (the default) runs final -> restart 1..R on G_T, then,
+only if some target is still not fitted, surf (T stages) -> rescue r over the trajectory.
+
+A pass starts when the stage stream is iterated (surf after portfolio's restarts; again for a
+rescue) or the forward passes move on (hybrid's restarts, then its polish), or when a stage
+reports a new pass (lm-restarts' rounds, shown once finished); every start and every finished
+pass is written at once, so even a short pass shows. `stage`/`stages` (the old columns) keep
+counting the whole run against the job's fixed `stages`; they no longer grow when a rescue
+starts.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from app import arrays
 from app.db import utcnow
 from app.lifecycle import Heartbeat, JobAborted, Member, live, touch
 from app.models import Job
-from surfing.solvers import StageTrace
+from surfing.solvers import DEFAULT_SCHEDULE, StageTrace
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,11 @@ class Tracker:
         self.force_next = True
         return self.current
 
+    def _portfolio(self) -> bool:
+        """A surf job whose schedule is "portfolio": it starts on G_T, not on the stream."""
+        schedule = (self.params or {}).get("schedule") or DEFAULT_SCHEDULE
+        return self.method == "surf" and schedule == "portfolio"
+
     def _pass(self, hint: str = "surf") -> PassState:
         """The pass in progress; the method's first pass if none started yet (`hint` stands in
         for the method while the row could not be read)."""
@@ -131,7 +140,7 @@ class Tracker:
         method = self.method or hint
         if method == "hybrid":
             return self._start("surf", None, self.stages - 1)  # its last "stage": restarts
-        if method == "lm-restarts":
+        if method == "lm-restarts" or self._portfolio():
             return self._start("final", None, 1)  # then a "restart" pass per round
         if method in ("adam", "adam-restarts"):
             name = "restart" if method == "adam-restarts" else "adam"
@@ -139,11 +148,16 @@ class Tracker:
         return self._start("surf", None, self.stages)
 
     def begin_stream(self, length: int | None) -> None:
-        """The stage stream is iterated (Hooked): the first time surf, then each rescue round."""
+        """The stage stream is iterated (Hooked): the first time surf, then each rescue round.
+        Portfolio's first iteration comes after its passes on G_T ("final", "restart" r): the
+        surf pass starts there."""
         self.stream_passes += 1
         if self.stream_passes == 1:
             p = self._pass("surf")
-            if p.name == "surf" and p.completed == 0 and length:
+            if p.name in ("final", "restart"):  # portfolio: the unfitted targets surf now
+                self.moved = None  # the restart's rows are not the surf's (set by its stages)
+                self._start("surf", None, length or self.stages)
+            elif p.name == "surf" and p.completed == 0 and length:
                 p.stages = length
             return
         surfed = self.current.stages if self.current is not None else self.stages
@@ -163,9 +177,12 @@ class Tracker:
         self.check()
         self.completed += 1
         p = self._pass("surf")
-        if info.pass_name != "surf" and (p.name, p.round) != (info.pass_name, info.pass_round):
-            # a rescue of a stream without Hooked (T stages again), or an lm-restarts round
-            stages = p.stages if info.pass_name == "rescue" else 1
+        if (p.name, p.round) != (info.pass_name, info.pass_round) and (
+            info.pass_name != "surf" or p.name in ("final", "restart")
+        ):
+            # a pass no stream iteration announced: a rescue of a stream without Hooked (T
+            # stages again), an lm-restarts round, or portfolio's surf after its restarts
+            stages = {"rescue": p.stages, "surf": self.stages}.get(info.pass_name, 1)
             p = self._start(info.pass_name, info.pass_round, stages)
         p.completed += 1
         p.stage = min(p.completed + 1, p.stages)
@@ -352,6 +369,7 @@ class Hooked:
         """The stream's last stage (schedule "portfolio" starts there), hooked like the rest."""
         index, step, G = self.stages.final()
         G.register_forward_hook(self.tracker.on_forward)
+        self.tracker.staged(step)  # the passes on G_T show its step from their start
         return index, step, G
 
     def __iter__(self) -> Any:

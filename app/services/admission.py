@@ -35,6 +35,9 @@ from app.settings import Settings
 SURF_STEPS, FINAL_STEPS, DIRECT_STEPS, RESTARTS = 20, 1000, 2000, 4
 # lm-restarts: surfing.solvers.LM_RESTART_ROUNDS and StageRule.lm_iters
 LM_ROUNDS, LM_ITERS = 3, 40
+# surf's default schedule and its restart rounds on G_T: surfing.solvers.DEFAULT_SCHEDULE and
+# surfing.portfolio.PORTFOLIO_ROUNDS (kept here: the API does not import torch to admit a job)
+DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS = "portfolio", 2
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()
@@ -97,10 +100,11 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
     """Generator evaluations x targets the request allows: its Adam-step budget.
 
     surf: (checkpoints - 1) x steps + final_steps, doubled for the rescue pass every schedule
-    but paper may run; adam: direct_steps; adam-restarts: restarts x direct_steps; hybrid: the
-    surf pass (no rescue) + restarts x direct_steps; lm-restarts: (1 + restarts) solves of at
-    most LM_ITERS Jacobians ((k + 1) / 2 each) and trial points (1/2 each), k = latent_dim.
-    `params["stages"]` already counts stride.
+    but paper may run; with schedule portfolio (the default) plus its LM solves on G_T, as
+    lm-restarts with PORTFOLIO_ROUNDS rounds; adam: direct_steps; adam-restarts: restarts x
+    direct_steps; hybrid: the surf pass (no rescue) + restarts x direct_steps; lm-restarts:
+    (1 + restarts) solves of at most LM_ITERS Jacobians ((k + 1) / 2 each) and trial points
+    (1/2 each), k = latent_dim. `params["stages"]` already counts stride.
     """
     steps = int(params.get("steps") or SURF_STEPS)
     final = int(params.get("final_steps") or FINAL_STEPS)
@@ -112,9 +116,7 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
     elif method == "adam-restarts":
         per_target = restarts * direct
     elif method == "lm-restarts":
-        k = int(params.get("latent_dim") or 1)
-        rounds = int(params.get("restarts") or LM_ROUNDS)
-        per_target = math.ceil((1 + rounds) * LM_ITERS * (k + 2) / 2)
+        per_target = lm_solves(params, int(params.get("restarts") or LM_ROUNDS))
     else:
         surfed = stages - 1 if method == "hybrid" else stages
         per_target = max(surfed - 1, 0) * steps + final
@@ -122,7 +124,16 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
             per_target += restarts * direct
         elif params.get("schedule") != "paper" and params.get("rescue") is not False:
             per_target *= 2
+        if method == "surf" and (params.get("schedule") or DEFAULT_SCHEDULE) == "portfolio":
+            per_target += lm_solves(params, PORTFOLIO_ROUNDS)
     return per_target * n_targets
+
+
+def lm_solves(params: dict[str, Any], rounds: int) -> int:
+    """Evaluations per target of a first LM solve on G_T and `rounds` restarts, each at most
+    LM_ITERS Jacobians ((k + 1) / 2 evaluations) plus a trial point (1/2), k = latent_dim."""
+    k = int(params.get("latent_dim") or 1)
+    return math.ceil((1 + rounds) * LM_ITERS * (k + 2) / 2)
 
 
 def check_compute(settings: Settings, job: Job) -> None:

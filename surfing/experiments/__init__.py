@@ -33,6 +33,7 @@ def _registry() -> dict[str, Experiment]:
         fig2,
         fig3,
         fig4,
+        strongest,
         table1,
         theorem31,
     )
@@ -47,6 +48,7 @@ def _registry() -> dict[str, Experiment]:
         "alg32": _from(alg32),
         "theorem31": _from(theorem31),
         "beyond": _from(beyond),
+        "strongest": _from(strongest),
     }
 
 

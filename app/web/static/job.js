@@ -125,9 +125,11 @@ const JobView = (() => {
     switch (p.pass) {
       case "surf": return "surfing the trajectory";
       case "rescue": return `rescue: re-surfing from a fresh start${round ? `, round ${round}` : ""}`;
-      case "final": return "final polish on G_T";
+      case "final": return job && ["surf", "lm-restarts"].includes(job.method)
+        ? "Levenberg-Marquardt on G_T from x_init" : "final polish on G_T";
       case "restart": {
-        const r = params.restarts || 4;
+        if (job && job.method === "surf") return `restart ${round} on G_T: fresh starts for unfitted targets`;
+        const r = params.restarts || (job && job.method === "lm-restarts" ? 3 : 4);
         return round == null ? `${r} random restarts on G_T (one batch)` : `restart ${round} of ${r}`;
       }
       case "adam": return "direct descent (Adam) on G_T";

@@ -1,0 +1,248 @@
+"""Surfing against the strongest baseline (issue 16): success against generator evaluations.
+
+For each stored trajectory and measurement setting, on the same trials (x*, x_init from the
+manifest's latent prior, y = A G_T(x*), success ||x_T - x*|| < 0.01), curves rather than
+single points, each read off one run through `SolveResult.rounds` (a run with fewer rounds
+ends exactly at that point):
+
+- `lm-restarts`: Levenberg–Marquardt on G_T, then restart rounds r = 1 .. R (never looks at
+  the trajectory);
+- `lm-stride s`: surfing with schedule "lm-stride" on every s-th checkpoint, then its rescue
+  rounds (what "auto" runs when m > 2k);
+- `portfolio p`: the default (lm-restarts with p rounds, then lm-stride + rescue for the
+  targets still unfitted), one curve per p;
+- optionally the paper's surfing and 2,000-step Adam on G_T (one point each).
+
+`--real N` adds off-range targets: N held-out Fashion-MNIST test images (Fig 4's error,
+||G(x_T) - y||^2 / n) for each method's end point. Rows accumulate in the CSV across runs
+(`--merge`), so the grid can be filled one model at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from surfing.experiments.common import (
+    SUCCESS,
+    add_common,
+    command,
+    link,
+    open_store,
+    pyplot,
+    save_figure,
+)
+from surfing.experiments.report import markdown_table, wilson_interval, write_csv, write_section
+from surfing.experiments.sensing import measurement_matrix
+from surfing.latents import sample_latents
+from surfing.solvers import SolveResult, direct, lm_restarts, surf
+from surfing.trajectory import final_generator, generators
+
+HELP = "Issue 16: surfing vs. LM with restarts, success against evaluations per target"
+COMMAND_KEYS = ("models", "m", "trials", "rounds", "strides", "rescue_rounds",
+                "portfolio_rounds", "paper", "adam", "real", "seed")  # fmt: skip
+CSV_NAME = "strongest.csv"
+REAL_CSV_NAME = "strongest_real.csv"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", required=True, help="trajectory ids")
+    p.add_argument("--m", nargs="+", default=["0"],
+                   help="measurements per setting: 0 = A = I, an integer, or '2k'")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=5, help="lm-restarts' largest round count")
+    p.add_argument("--strides", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rescue-rounds", type=int, default=2, help="lm-stride's rescue rounds")
+    p.add_argument("--portfolio-rounds", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--paper", action="store_true", help="add the paper's surfing (slow)")
+    p.add_argument("--adam", action="store_true", help="add 2,000-step Adam on G_T (slow)")
+    p.add_argument("--real", type=int, default=0,
+                   help="held-out test images (off-range); with --trials 0 only these")  # fmt: skip
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default $SURFING_DATA_DIR)")
+    p.add_argument("--merge", action="store_true", help="keep other runs' rows in the CSVs")
+    add_common(p, trials=300)
+
+
+def m_of(token: str, k: int) -> int:
+    """'0' -> 0 (A = I), '2k' -> 2k, else the integer."""
+    return 2 * k if token == "2k" else int(token)
+
+
+Solver = Callable[[torch.Tensor, torch.Tensor], SolveResult]
+
+
+def solvers(args: argparse.Namespace, store, model_id: str, G, A, prior: str) -> dict:
+    """name -> solve(b, x_init) for every method of the grid, in the order reported."""
+
+    def surfer(stride: int, schedule: str, **kw) -> Solver:
+        stages = generators(store, model_id, stride, args.device)
+        return lambda b, x0: surf(stages, b, x0, A, steps=args.steps, lr=args.lr,
+                                  final_steps=args.final_steps, schedule=schedule,
+                                  prior=prior, **kw)  # fmt: skip
+
+    from surfing.portfolio import portfolio
+    from surfing.solvers import StageRule
+
+    rule = StageRule(rescue_rounds=args.rescue_rounds)
+    out: dict[str, Solver] = {
+        "lm-restarts": lambda b, x0: lm_restarts(G, b, x0, A, rounds=args.rounds,
+                                                 seed=args.seed, prior=prior),
+    }  # fmt: skip
+    for s in args.strides:
+        out[f"lm-stride s={s}"] = surfer(s, "lm-stride", rule=rule)
+    stages = generators(store, model_id, 1, args.device)
+    for p in args.portfolio_rounds:
+        out[f"portfolio p={p}"] = lambda b, x0, p=p: portfolio(
+            stages, b, x0, A, args.steps, args.lr, None, args.final_steps, prior=prior, rounds=p
+        )
+    if args.paper:
+        out["paper"] = surfer(1, "paper")
+    if args.adam:
+        out["adam"] = lambda b, x0: direct(G, b, x0, A, args.direct_steps, args.lr)
+    return out
+
+
+def points(res: SolveResult) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(label, x, per-target evals) after every pass, or the end point alone."""
+    if res.rounds:
+        return [(r.name, r.x, r.target_evals) for r in res.rounds]
+    cost = res.target_evals if res.target_evals is not None else torch.full(
+        (res.x.shape[0],), float(res.evals), dtype=torch.float64)  # fmt: skip
+    return [("end", res.x, cost)]
+
+
+def run_setting(args, store, model_id: str, token: str) -> tuple[list[dict], list[dict]]:
+    manifest = store.manifest(model_id)
+    k, n, prior = manifest.latent_dim, manifest.n_pixels, manifest.latent_prior
+    m = m_of(token, k)
+    device = torch.device(args.device)
+    G = final_generator(store, model_id, device)
+    x_star = sample_latents(args.trials, k, args.seed, prior, device)
+    x_init = sample_latents(args.trials, k, args.seed + 1, prior, device)
+    A = None if m == 0 else measurement_matrix(args.seed, m, n, device)
+    b = torch.empty(0)
+    if args.trials:
+        with torch.no_grad():
+            y = G(x_star).flatten(1)
+        b = y if A is None else y @ A.T
+    setting = "A = I" if m == 0 else f"m = {m}"
+    real = None
+    if args.real:
+        from surfing.experiments.fig4 import test_images
+
+        real = test_images(args.real, args.seed, args.data_dir).flatten(1).to(device)
+    rows, real_rows = [], []
+    for name, solve in solvers(args, store, model_id, G, A, prior).items():
+        t0 = time.perf_counter()
+        res = solve(b, x_init) if args.trials else None  # --trials 0: off-range targets only
+        seconds = time.perf_counter() - t0
+        found = points(res) if res is not None else []
+        for i, (label, x, cost) in enumerate(found):
+            wins = int(((x - x_star).norm(dim=1) < SUCCESS).sum())
+            lo, hi = wilson_interval(wins, args.trials)
+            rows.append({
+                "model": model_id, "k": k, "setting": setting, "method": name,
+                "after": label, "end": i == len(found) - 1, "trials": args.trials,
+                "success %": round(100.0 * wins / args.trials, 2),
+                "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
+                "evals / target": round(float(cost.double().mean()), 1),
+                "seconds": round(seconds, 1) if i == len(found) - 1 else "",
+            })  # fmt: skip
+        if found:
+            print(
+                f"  {model_id} {setting:8s} {name:16s} {rows[-1]['success %']:6.2f}% "
+                f"{rows[-1]['evals / target']:8.1f} evals  {seconds:6.1f}s",
+                flush=True,
+            )
+        if real is not None:
+            x0 = sample_latents(len(real), k, args.seed + 2, prior, device)
+            rr = solve(real if A is None else real @ A.T, x0)
+            with torch.no_grad():
+                err = (G(rr.x).flatten(1) - real).pow(2).mean(dim=1).cpu()
+            cost = points(rr)[-1][2]
+            real_rows.append({
+                "model": model_id, "setting": setting, "method": name, "images": len(real),
+                "median pixel error": round(float(err.median()), 4),
+                "mean pixel error": round(float(err.mean()), 4),
+                "p95 pixel error": round(float(err.quantile(0.95)), 4),
+                "evals / target": round(float(cost.double().mean()), 1),
+            })  # fmt: skip
+    return rows, real_rows
+
+
+def merged(path: Path, new: list[dict], keep: bool) -> list[dict]:
+    """The new rows, plus (with `keep`) the old rows of (model, setting) pairs not re-run."""
+    if not keep or not path.exists():
+        return new
+    done = {(r["model"], r["setting"]) for r in new}
+    with path.open() as f:
+        old = [r for r in csv.DictReader(f) if (r["model"], r["setting"]) not in done]
+    return old + new
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per (model, setting): success % against evaluations per target (log)."""
+    plt = pyplot()
+    panels = sorted({(r["model"], r["setting"]) for r in rows})
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax, (model, setting) in zip(axes.flat, panels, strict=False):
+        mine = [r for r in rows if (r["model"], r["setting"]) == (model, setting)]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            pts = [r for r in mine if r["method"] == method]
+            xs = [float(r["evals / target"]) for r in pts]
+            ys = [float(r["success %"]) for r in pts]
+            ax.plot(xs, ys, marker="o", markersize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_title(f"{model}, {setting}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("evaluations / target", fontsize=7)
+        ax.set_ylabel("success %", fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def run(args: argparse.Namespace) -> dict[str, list[dict]]:
+    store = open_store(args)
+    rows, real_rows = [], []
+    for model_id in args.models:
+        for token in args.m:
+            r, rr = run_setting(args, store, model_id, token)
+            rows += r
+            real_rows += rr
+    csv_path = args.out / CSV_NAME
+    rows = merged(csv_path, rows, args.merge)
+    if not rows:
+        raise SystemExit("nothing to report: --trials 0 needs --merge with earlier rows")
+    write_csv(csv_path, rows)
+    png = args.out / "strongest_curves.png"
+    plot(rows, png)
+    ends = [{key: v for key, v in r.items() if key != "end"}
+            for r in rows if str(r["end"]) == "True"]  # fmt: skip
+    body = [
+        "### Curves: success against evaluations per target\n",
+        f"Last run: `{command('strongest', args, COMMAND_KEYS)}` on {args.device} "
+        f"(`--merge` keeps other models' rows; each row says its trial count). Every point "
+        f"below is read off one run per method through `SolveResult.rounds`; the table shows "
+        f"end points, [{CSV_NAME}]({link(csv_path, args.results_md)}) every point.\n",
+        markdown_table(ends),
+        f"\n![success against evaluations]({link(png, args.results_md)})\n",
+    ]
+    if real_rows:
+        real_path = args.out / REAL_CSV_NAME
+        real_rows = merged(real_path, real_rows, args.merge)
+        write_csv(real_path, real_rows)
+        body += [
+            "\nOff-range targets (held-out test images, per-pixel error "
+            "||G(x_T) - y||^2 / n, each method's end point):\n",
+            markdown_table(real_rows),
+        ]
+    write_section("strongest-grid", "\n".join(body), args.results_md)
+    return {"rows": rows, "real": real_rows}
