@@ -258,9 +258,10 @@ class StageRule:
     reuse_broyden: bool = True
     # Rescue (see surf): a target with ||A G(x) - b||^2 > rescue_rtol ||b||^2 at the end (a
     # residual above 1 % of the target in norm) surfs again from a fresh start, at most
-    # `rescue_rounds` times; None turns it off. On dcgan-k10 at m = 50 (500 trials) the targets
-    # "lm" solved had relative residuals ||r||^2/||b||^2 below 4e-11 and the ones it missed
-    # above 7e-3 (docs/performance.md); 1e-4 leaves room for float32/TF32 rounding.
+    # `rescue_rounds` times; None turns it off. On dcgan-k10 at m = 50 (500 trials,
+    # bench/rescue_study.py, session 8) the targets "lm" solved had relative residuals
+    # ||r||^2/||b||^2 below 3e-13 and the ones it missed above 1.6e-2 (docs/performance.md);
+    # 1e-4 leaves room for float32/TF32 rounding.
     rescue_rtol: float | None = 1e-4
     rescue_rounds: int = 1
     # The first `head_stages` stages of every schedule but "paper" are the paper's Adam stage
