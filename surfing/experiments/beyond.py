@@ -57,7 +57,7 @@ def solve(name: str, args: argparse.Namespace, stages, G, b, x_init, A, prior: s
         return direct(G, b, x_init, A, steps=args.direct_steps, lr=args.lr)
     if name == "lm-restarts":
         return lm_restarts(G, b, x_init, A, rounds=3, seed=args.seed, prior=prior)
-    schedule = "paper" if name == "paper" else "auto"
+    schedule = "paper" if name == "paper" else "auto"  # "default": auto, as first measured
     return surf(stages, b, x_init, A, steps=args.steps, lr=args.lr,
                 final_steps=args.final_steps, schedule=schedule, prior=prior)
 
@@ -136,10 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
             f"`{prior}`, {len(manifest.checkpoints)} checkpoints (stride {args.stride}: "
             f"{len(stages)} stages), dataset `{manifest.dataset}`.\n",
             "Exact recovery (success = ||x_T - x*|| < 0.01; `< 0.1 %` = within 0.1 of x*; "
-            "`default` = surf's default schedule, `paper` = 20 Adam steps per checkpoint "
-            "+ 1,000, `adam` = 2,000 Adam steps on G_T, `lm-restarts` = Levenberg–Marquardt "
-            "on G_T, then up to 3 rounds of fresh prior draws for the targets whose relative "
-            "residual stays above 1e-4):\n", markdown_table(exact)]
+            "`default` = surf's schedule `auto` (the default until issue 16), `paper` = 20 Adam "
+            "steps per checkpoint + 1,000, `adam` = 2,000 Adam steps on G_T, `lm-restarts` = "
+            "Levenberg–Marquardt on G_T, then up to 3 rounds of fresh prior draws for the "
+            "targets whose relative residual stays above 1e-4):\n", markdown_table(exact)]
     if real is not None:
         write_csv(args.out / f"beyond_{args.model}_real.csv", errors)
         png = args.out / f"beyond_{args.model}_real.png"

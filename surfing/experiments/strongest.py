@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +219,14 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
             rows += r
             real_rows += rr
     csv_path = args.out / CSV_NAME
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / f".{CSV_NAME}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # runs of other models may finish at the same time
+        return report(args, rows, real_rows, csv_path)
+
+
+def report(args: argparse.Namespace, rows: list[dict], real_rows: list[dict], csv_path: Path):
+    """Merge with earlier runs' rows, write the CSVs, the curves and the results section."""
     rows = merged(csv_path, rows, args.merge)
     if not rows:
         raise SystemExit("nothing to report: --trials 0 needs --merge with earlier rows")

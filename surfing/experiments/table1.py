@@ -115,7 +115,7 @@ def run_model(
     }
     if args.fast:
         runs["surf-fast"] = lambda lo, hi: surf(
-            stages, b[lo:hi], x_init[lo:hi], steps=args.steps, lr=args.lr
+            stages, b[lo:hi], x_init[lo:hi], steps=args.steps, lr=args.lr, schedule="auto"
         )
     dist, summary = (
         {},
@@ -193,8 +193,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         f"--steps {args.steps} --final-steps {args.final_steps} --direct-steps {args.direct_steps} "
         f"--lr {args.lr} --stride {args.stride} --seed {args.seed}` on {args.device}. "
         "`surf` = the paper's schedule (fixed Adam steps per checkpoint); `surf-fast` = the "
-        "default schedule (docs/performance.md); `adam xR` = Adam from R starts (the "
-        "first is x_init), R matched to surfing's generator evaluations; lowest objective kept."
+        "schedule `auto` (lm-stride + rescue; the default until issue 16, docs/performance.md); "
+        "`adam xR` = Adam from R starts (the first is x_init), R matched to surfing's "
+        "generator evaluations; lowest objective kept."
         "\n\n"
         + markdown_table(summaries)
         + f"\n\n![distance to truth]({figure})\n"
