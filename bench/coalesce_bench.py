@@ -31,7 +31,7 @@ from app.schemas import SolveOptions
 from app.services.jobs import create_invert_job
 from app.settings import Settings
 from models_store import ModelStore, default_store_root
-from surfing.solvers import uniform_latents
+from surfing.solvers import DEFAULT_SCHEDULE, uniform_latents
 from surfing.trajectory import final_generator
 from worker import jobs as worker_jobs
 
@@ -79,10 +79,18 @@ def submit(
         return job.id
 
 
-def latents(settings: Settings, job_ids: list[str]) -> tuple[np.ndarray, list[int]]:
-    """Recovered latents of finished jobs, in order, and the pass size each was solved in."""
+def surfed(trace: list[dict], targets: int) -> int:
+    """How many of a job's targets surfed the trajectory (the default, portfolio, surfs only
+    those LM and its restarts on G_T left unfitted; other schedules surf every target)."""
+    moved = [t["rescued"] for t in trace if t.get("pass") == "surf"]
+    return max((targets if n is None else n for n in moved), default=0)
+
+
+def latents(settings: Settings, job_ids: list[str]) -> tuple[np.ndarray, list[int], int]:
+    """Recovered latents of finished jobs, in order, the pass size each was solved in, and
+    how many targets surfed the trajectory."""
     sessions = session_factory(settings.sqlalchemy_url)
-    xs, passes = [], []
+    xs, passes, n_surfed = [], [], 0
     with sessions() as s:
         for jid in job_ids:
             job, res = s.get(Job, jid), s.get(JobResult, jid)
@@ -92,7 +100,8 @@ def latents(settings: Settings, job_ids: list[str]) -> tuple[np.ndarray, list[in
                 )
             xs.append(np.asarray(res.latent))
             passes.append(res.pass_jobs)
-    return np.concatenate(xs), passes
+            n_surfed += surfed(res.trace, len(res.latent))
+    return np.concatenate(xs), passes, n_surfed
 
 
 def success(x: np.ndarray, x_star: torch.Tensor) -> float:
@@ -105,7 +114,9 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--jobs", type=int, default=300, help="one-target jobs queued together")
     ap.add_argument("--solo", type=int, default=10, help="one-target jobs timed one by one")
-    ap.add_argument("--schedule", default="auto")
+    ap.add_argument(
+        "--schedule", default=None, help="surf schedule; default: the service's (not sent)"
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warm-cache-mb", type=int, default=1024)
@@ -119,7 +130,7 @@ def main() -> None:
     x_star = uniform_latents(args.jobs, k, args.seed)
     with torch.no_grad():
         images = final_generator(store, args.model)(x_star).numpy()
-    opts = {"schedule": args.schedule}
+    opts = {} if args.schedule is None else {"schedule": args.schedule}
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -157,7 +168,7 @@ def main() -> None:
         for jid in ids:
             worker_jobs.run_job(jid, alone)
         wall = time.perf_counter() - t0
-        x, _ = latents(settings, ids)
+        x, _, n_surfed = latents(settings, ids)
         rows.append(
             (
                 "one-target jobs, one per pass",
@@ -165,6 +176,7 @@ def main() -> None:
                 args.solo,
                 wall,
                 success(x, x_star[: args.solo]),
+                n_surfed,
             )
         )
 
@@ -172,7 +184,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out = worker_jobs.run_job(ids[0], settings)
         wall = time.perf_counter() - t0
-        x, passes = latents(settings, ids)
+        x, passes, n_surfed = latents(settings, ids)
         if len(out.get("coalesced", [])) != args.jobs - 1 or set(passes) != {args.jobs}:
             raise SystemExit(f"expected one pass of {args.jobs} jobs, got pass sizes {set(passes)}")
         rows.append(
@@ -182,6 +194,7 @@ def main() -> None:
                 args.jobs,
                 wall,
                 success(x, x_star),
+                n_surfed,
             )
         )
 
@@ -189,16 +202,18 @@ def main() -> None:
         t0 = time.perf_counter()
         worker_jobs.run_job(jid, settings)
         wall = time.perf_counter() - t0
-        x, _ = latents(settings, [jid])
-        rows.append((f"one {args.jobs}-target job", 1, args.jobs, wall, success(x, x_star)))
+        x, _, n_surfed = latents(settings, [jid])
+        row = (f"one {args.jobs}-target job", 1, args.jobs, wall, success(x, x_star), n_surfed)
+        rows.append(row)
 
     base = rows[0][2] / rows[0][3]
     n_ckpt = len(manifest.checkpoints)
-    print(f"model {args.model} (k={k}, {n_ckpt} checkpoints), schedule {args.schedule}, ", end="")
+    schedule = args.schedule or f"default ({DEFAULT_SCHEDULE})"
+    print(f"model {args.model} (k={k}, {n_ckpt} checkpoints), schedule {schedule}, ", end="")
     print(f"{args.threads} threads, warm cache {args.warm_cache_mb} MB")
-    header = ("variant", "jobs", "targets", "wall s", "targets/s", "x solo", "success")
-    print("{:<34} {:>5} {:>7} {:>8} {:>10} {:>7} {:>8}".format(*header))
-    for name, jobs, targets, wall, ok in rows:
+    header = ("variant", "jobs", "targets", "wall s", "targets/s", "x solo", "success", "surfed")
+    print("{:<34} {:>5} {:>7} {:>8} {:>10} {:>7} {:>8} {:>7}".format(*header))
+    for name, jobs, targets, wall, ok, n_surfed in rows:
         rate = targets / wall
         cells = (
             name,
@@ -208,8 +223,9 @@ def main() -> None:
             f"{rate:.3f}",
             f"{rate / base:.1f}",
             f"{ok:.1%}",
+            n_surfed,
         )
-        print("{:<34} {:>5} {:>7} {:>8} {:>10} {:>7} {:>8}".format(*cells))
+        print("{:<34} {:>5} {:>7} {:>8} {:>10} {:>7} {:>8} {:>7}".format(*cells))
 
 
 if __name__ == "__main__":

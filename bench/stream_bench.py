@@ -19,7 +19,7 @@ import time
 import torch
 
 from models_store import ModelStore, default_store_root
-from surfing.trajectory import Generators
+from surfing.trajectory import Generators, checkpoint_generator, meta_generator
 
 
 def one_pass(store: ModelStore, model_id: str, stage_s: float, readers: int) -> tuple[float, float]:
@@ -35,6 +35,17 @@ def one_pass(store: ModelStore, model_id: str, stage_s: float, readers: int) -> 
     return time.perf_counter() - t0, wait
 
 
+def module_ms(store: ModelStore, model_id: str, repeats: int = 72) -> float:
+    """Milliseconds to give one loaded checkpoint its own module (what the stream does per
+    stage since the fix of issue 12), on the consumer thread: part of the wait below."""
+    arch = store.manifest(model_id).arch
+    tensors, template = store.load(model_id, 0), meta_generator(arch)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        checkpoint_generator(arch, tensors, template)
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -48,6 +59,7 @@ def main() -> None:
     mb = sum(c.bytes for c in store.manifest(args.model).checkpoints) / 1e6
     print(f"{args.model}: {n} checkpoints, {mb:.0f} MB; {os.cpu_count()} CPU cores")
     one_pass(store, args.model, 0.0, 1)  # warm the page cache: measure the pipeline, not disk
+    print(f"a module per checkpoint (no copy): {module_ms(store, args.model):.2f} ms")
     print("\n| stage ms | readers | wall s | waiting s | wait % of wall | ms per checkpoint |")
     print("|---|---|---|---|---|---|")
     for stage_ms in args.stage_ms:

@@ -47,6 +47,7 @@ from surfing.trajectory import final_generator, generators
 HELP = "Issue 16: surfing vs. LM with restarts, success against evaluations per target"
 COMMAND_KEYS = ("models", "m", "trials", "rounds", "strides", "rescue_rounds",
                 "portfolio_rounds", "paper", "adam", "real", "seed")  # fmt: skip
+FAMILIES = ("lm-restarts", "lm-stride", "portfolio")
 CSV_NAME = "strongest.csv"
 REAL_CSV_NAME = "strongest_real.csv"
 
@@ -59,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strides", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rescue-rounds", type=int, default=2, help="lm-stride's rescue rounds")
     p.add_argument("--portfolio-rounds", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--methods", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                   help="which curves to run (a partial run merges into earlier rows)")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="add the paper's surfing (slow)")
     p.add_argument("--adam", action="store_true", help="add 2,000-step Adam on G_T (slow)")
     p.add_argument("--real", type=int, default=0,
@@ -89,14 +92,14 @@ def solvers(args: argparse.Namespace, store, model_id: str, G, A, prior: str) ->
     from surfing.solvers import StageRule
 
     rule = StageRule(rescue_rounds=args.rescue_rounds)
-    out: dict[str, Solver] = {
+    out: dict[str, Solver] = {} if "lm-restarts" not in args.methods else {
         "lm-restarts": lambda b, x0: lm_restarts(G, b, x0, A, rounds=args.rounds,
                                                  seed=args.seed, prior=prior),
     }  # fmt: skip
-    for s in args.strides:
+    for s in args.strides if "lm-stride" in args.methods else []:
         out[f"lm-stride s={s}"] = surfer(s, "lm-stride", rule=rule)
     stages = generators(store, model_id, 1, args.device)
-    for p in args.portfolio_rounds:
+    for p in args.portfolio_rounds if "portfolio" in args.methods else []:
         out[f"portfolio p={p}"] = lambda b, x0, p=p: portfolio(
             stages, b, x0, A, args.steps, args.lr, None, args.final_steps, prior=prior, rounds=p
         )
@@ -176,12 +179,12 @@ def run_setting(args, store, model_id: str, token: str) -> tuple[list[dict], lis
 
 
 def merged(path: Path, new: list[dict], keep: bool) -> list[dict]:
-    """The new rows, plus (with `keep`) the old rows of (model, setting) pairs not re-run."""
+    """The new rows, plus (with `keep`) the old rows of (model, setting, method) not re-run."""
     if not keep or not path.exists():
         return new
-    done = {(r["model"], r["setting"]) for r in new}
+    done = {(r["model"], r["setting"], r["method"]) for r in new}
     with path.open() as f:
-        old = [r for r in csv.DictReader(f) if (r["model"], r["setting"]) not in done]
+        old = [r for r in csv.DictReader(f) if (r["model"], r["setting"], r["method"]) not in done]
     return old + new
 
 
@@ -213,21 +216,34 @@ def plot(rows: list[dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, list[dict]]:
     store = open_store(args)
     rows, real_rows = [], []
+    out: dict[str, list[dict]] = {"rows": [], "real": []}  # this run's own rows
+    keep = args.merge
     for model_id in args.models:
         for token in args.m:
-            r, rr = run_setting(args, store, model_id, token)
-            rows += r
-            real_rows += rr
-    csv_path = args.out / CSV_NAME
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / f".{CSV_NAME}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # runs of other models may finish at the same time
-        return report(args, rows, real_rows, csv_path)
+            rows, real_rows = run_setting(args, store, model_id, token)
+            # written after every setting (merged with what is there), so a stopped run keeps
+            # what it finished; other runs may write at the same time, hence the lock
+            args.out.mkdir(parents=True, exist_ok=True)
+            with (args.out / f".{CSV_NAME}.lock").open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                report(args, rows, real_rows, args.out / CSV_NAME, keep)
+            out["rows"] += rows
+            out["real"] += real_rows
+            keep = True  # later settings of this run add to the first
+    return out
 
 
-def report(args: argparse.Namespace, rows: list[dict], real_rows: list[dict], csv_path: Path):
-    """Merge with earlier runs' rows, write the CSVs, the curves and the results section."""
-    rows = merged(csv_path, rows, args.merge)
+def order(row: dict) -> tuple:
+    """Model, then A = I before growing m, then the methods in the order they were run."""
+    m = 0 if row["setting"] == "A = I" else int(str(row["setting"]).split("= ")[1])
+    return (row["model"], m)
+
+
+def report(
+    args: argparse.Namespace, rows: list[dict], real_rows: list[dict], csv_path: Path, keep: bool
+) -> None:
+    """Merge with earlier rows (`keep`), write the CSVs, the curves and the results section."""
+    rows = sorted(merged(csv_path, rows, keep), key=order)
     if not rows:
         raise SystemExit("nothing to report: --trials 0 needs --merge with earlier rows")
     write_csv(csv_path, rows)
@@ -244,9 +260,9 @@ def report(args: argparse.Namespace, rows: list[dict], real_rows: list[dict], cs
         markdown_table(ends),
         f"\n![success against evaluations]({link(png, args.results_md)})\n",
     ]
-    if real_rows:
-        real_path = args.out / REAL_CSV_NAME
-        real_rows = merged(real_path, real_rows, args.merge)
+    real_path = args.out / REAL_CSV_NAME
+    if real_rows or (keep and real_path.exists()):
+        real_rows = sorted(merged(real_path, real_rows, keep), key=order)
         write_csv(real_path, real_rows)
         body += [
             "\nOff-range targets (held-out test images, per-pixel error "
@@ -254,4 +270,3 @@ def report(args: argparse.Namespace, rows: list[dict], real_rows: list[dict], cs
             markdown_table(real_rows),
         ]
     write_section("strongest-grid", "\n".join(body), args.results_md)
-    return {"rows": rows, "real": real_rows}
