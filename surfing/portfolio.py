@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from surfing.restarts import lm_restarts
 from surfing.solvers import (
     RESCUE_MARGIN,
     Progress,
@@ -25,7 +26,6 @@ from surfing.solvers import (
     StageRule,
     StageTrace,
     final_stage,
-    lm_restarts,
     not_fitted,
     surf,
 )

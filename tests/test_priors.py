@@ -23,7 +23,7 @@ from app.schemas import SolveOptions
 from app.services.jobs import create_invert_job
 from app.settings import Settings
 from models_store import ModelStore
-from surfing import solvers
+from surfing import restarts, solvers
 from surfing.cli import main
 from surfing.latents import sample_latents
 from surfing.solvers import (
@@ -94,13 +94,13 @@ def test_direct_restarts_draws_starts_from_the_prior(monkeypatch: pytest.MonkeyP
     G = NoLatentDim().eval()
     b = torch.rand(5, 6)
     seen: list[torch.Tensor] = []
-    real = solvers.direct
+    real = restarts.direct
 
     def spy(G: nn.Module, b: torch.Tensor, x_init: torch.Tensor, *a: Any) -> Any:
         seen.append(x_init.clone())
         return real(G, b, x_init, *a)
 
-    monkeypatch.setattr(solvers, "direct", spy)
+    monkeypatch.setattr(restarts, "direct", spy)
     direct_restarts(G, b, 3, seed=4, steps=2, latent_dim=3)
     assert torch.equal(seen[-1], uniform_latents(15, 3, 4))  # the formula before priors
     res = direct_restarts(G, b, 3, seed=4, steps=2, latent_dim=3, prior="normal")
@@ -162,13 +162,13 @@ def test_surf_and_hybrid_rescue_and_restart_from_the_prior(
     assert torch.equal(starts[3], old_restart_latents(x0, 1))
 
     seen: list[tuple[str, int | None]] = []
-    real_restarts = solvers.direct_restarts
+    real_restarts = restarts.direct_restarts
 
     def spy_restarts(*a: Any, **kw: Any) -> Any:
         seen.append((kw.get("prior", a[9] if len(a) > 9 else None), kw.get("latent_dim")))
         return real_restarts(*a, **kw)
 
-    monkeypatch.setattr(solvers, "direct_restarts", spy_restarts)
+    monkeypatch.setattr(restarts, "direct_restarts", spy_restarts)
     hybrid(stream, b, x0, 2, seed=1, steps=2, final_steps=5, direct_steps=5, prior="normal")
     assert seen == [("normal", 2)]
 
