@@ -233,6 +233,30 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
     return out
 
 
+POOLED = ("lm-restarts", "lm-stride s=1", "portfolio p=2")  # compared like with like
+
+
+def pooled(ends: list[dict]) -> list[dict]:
+    """Successes summed over the (model, setting) pairs where every POOLED method has an end
+    point, with a 95 % Wilson interval: differences too small for one setting's trials."""
+    by_pair: dict[tuple, dict[str, dict]] = {}
+    for r in ends:
+        by_pair.setdefault((r["model"], r["setting"]), {})[r["method"]] = r
+    pairs = [p for p, methods in by_pair.items() if set(POOLED) <= set(methods)]
+    out = []
+    for method in POOLED:
+        rows = [by_pair[p][method] for p in pairs]
+        n = sum(int(r["trials"]) for r in rows)
+        wins = sum(round(float(r["success %"]) * int(r["trials"]) / 100) for r in rows)
+        evals = sum(float(r["evals / target"]) * int(r["trials"]) for r in rows)
+        lo, hi = wilson_interval(wins, n)
+        out.append({"method": method, "settings": len(pairs), "trials": n, "successes": wins,
+                    "success %": round(100 * wins / max(n, 1), 2),
+                    "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
+                    "evals / target": round(evals / max(n, 1), 1)})  # fmt: skip
+    return out
+
+
 def order(row: dict) -> tuple:
     """Model, then A = I before growing m, then the methods in the order they were run."""
     m = 0 if row["setting"] == "A = I" else int(str(row["setting"]).split("= ")[1])
@@ -252,7 +276,9 @@ def report(
     ends = [{key: v for key, v in r.items() if key != "end"}
             for r in rows if str(r["end"]) == "True"]  # fmt: skip
     body = [
-        "### Curves: success against evaluations per target\n",
+        "### Pooled over the settings every compared method ran in\n",
+        markdown_table(pooled(ends)),
+        "\n### Curves: success against evaluations per target\n",
         f"Last run: `{command('strongest', args, COMMAND_KEYS)}` on {args.device} "
         f"(`--merge` keeps other models' rows; each row says its trial count). Every point "
         f"below is read off one run per method through `SolveResult.rounds`; the table shows "
