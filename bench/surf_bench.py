@@ -175,10 +175,13 @@ def action_shares(res: SolveResult) -> str:
 
 
 def rescued(res: SolveResult) -> str:
-    """How many targets each rescue round surfed again (surf's rescue, see surfing.solvers)."""
-    per_pass = sum(t.moved is None for t in res.trace)
-    rounds = [t.moved for t in res.trace if t.moved is not None and t.stage % per_pass == 0]
-    return " ".join(f"rescue{r + 1} {int(m.sum())}" for r, m in enumerate(rounds))
+    """How many targets each pass after the first worked on: surf's rescue rounds, or the
+    portfolio's restart rounds, its surf of the unfitted targets and their rescue."""
+    seen: dict[tuple[str, int | None], int] = {}
+    for t in res.trace:
+        if t.moved is not None:
+            seen.setdefault((t.pass_name, t.pass_round), int(t.moved.sum()))
+    return " ".join(f"{name}{'' if r is None else r} {n}" for (name, r), n in seen.items())
 
 
 def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, A: torch.Tensor | None) -> float:
