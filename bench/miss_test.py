@@ -40,8 +40,8 @@ def main() -> None:
     G = final_generator(store, args.model)
     x_star = sample_latents(args.trials, k, args.seed, prior)
     x_init = sample_latents(args.trials, k, args.seed + 1, prior)
-    A = measurement_matrix(args.seed, args.m, manifest.n_pixels, torch.device("cpu"))
-    A = A if args.m else None
+    cpu = torch.device("cpu")
+    A = measurement_matrix(args.seed, args.m, manifest.n_pixels, cpu) if args.m else None
     with torch.no_grad():
         y = G(x_star).flatten(1)
     b = y if A is None else y @ A.T

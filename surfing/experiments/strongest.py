@@ -41,7 +41,9 @@ from surfing.experiments.common import (
 from surfing.experiments.report import markdown_table, wilson_interval, write_csv, write_section
 from surfing.experiments.sensing import measurement_matrix
 from surfing.latents import sample_latents
-from surfing.solvers import SolveResult, direct, lm_restarts, surf
+from surfing.portfolio import portfolio
+from surfing.restarts import direct, lm_restarts
+from surfing.solvers import SolveResult, StageRule, surf
 from surfing.trajectory import final_generator, generators
 
 HELP = "Issue 16: surfing vs. LM with restarts, success against evaluations per target"
@@ -87,9 +89,6 @@ def solvers(args: argparse.Namespace, store, model_id: str, G, A, prior: str) ->
         return lambda b, x0: surf(stages, b, x0, A, steps=args.steps, lr=args.lr,
                                   final_steps=args.final_steps, schedule=schedule,
                                   prior=prior, **kw)  # fmt: skip
-
-    from surfing.portfolio import portfolio
-    from surfing.solvers import StageRule
 
     rule = StageRule(rescue_rounds=args.rescue_rounds)
     out: dict[str, Solver] = {} if "lm-restarts" not in args.methods else {
