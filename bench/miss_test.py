@@ -32,6 +32,13 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[1e-4, 1e-5, 1e-6],
+        help="miss-test thresholds to compare",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     store = ModelStore(args.models_dir or default_store_root())
@@ -50,6 +57,7 @@ def main() -> None:
     dist = (res.x - x_star).norm(dim=1)
     hit = dist < 0.01
     threshold = StageRule().rescue_rtol
+    assert threshold is not None
     print(f"{args.model}, m = {args.m or 'I'}, {args.trials} trials, lm_restarts with "
           f"{PORTFOLIO_ROUNDS} rounds: {int(hit.sum())} successes")  # fmt: skip
     if hit.any():
@@ -60,6 +68,12 @@ def main() -> None:
     hidden = [m for m in misses if m[0] <= threshold]
     print(f"misses: {len(misses)}; at or below the miss test's {threshold:g} (never surfed): "
           f"{len(hidden)}")  # fmt: skip
+    # A threshold trades the misses it lets through (never surfed) against the successes it
+    # sends to the expensive second phase for nothing.
+    print("threshold | misses at or below it (never surfed) | successes above it (surfed anyway)")
+    for t in args.thresholds:
+        above = int((rel[hit] > t).sum())
+        print(f"{t:9.0e} | {sum(m[0] <= t for m in misses):36d} | {above:34d}")
     for r, d in misses:
         print(f"  miss: relative residual {r:.1e}, ||x - x*|| {d:.3g}")
 

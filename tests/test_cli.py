@@ -10,6 +10,7 @@ import torch
 
 from surfing.cli import main
 from surfing.images import load_png, to_png
+from surfing.portfolio import PORTFOLIO_ROUNDS
 from surfing.trajectory import final_generator
 from tests.helpers import interpolated_trajectory
 
@@ -127,16 +128,29 @@ def _invert(store_root, image, *extra: str) -> None:
 
 def test_invert_shows_progress_per_pass_on_stderr(tiny_store, tmp_path, capsys) -> None:
     to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
-    _invert(tiny_store.root, tmp_path / "t.png", "--schedule", "paper", "--steps", "2",
-            "--final-steps", "3", "--method", "both", "--direct-steps", "7")
+    _invert(
+        tiny_store.root,
+        tmp_path / "t.png",
+        "--schedule",
+        "paper",
+        "--steps",
+        "2",
+        "--final-steps",
+        "3",
+        "--method",
+        "both",
+        "--direct-steps",
+        "7",
+    )
     out, err = capsys.readouterr()
     surf, adam = (json.loads(line) for line in out.splitlines())  # stdout stays pure JSON
     assert "surfing 4 checkpoints of tiny (schedule paper)" in err
     assert "surf: 100%" in err and "4/4" in err  # one bar over the trajectory's 4 stages
     assert "adam: 100%" in err and "7/7" in err  # Adam steps counted by the forward hook
     assert len(surf["stages"]) == 4 and adam["generator_evals"] == 7
-    _invert(tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "3",
-            "--no-progress")
+    _invert(
+        tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "3", "--no-progress"
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -147,12 +161,12 @@ def test_invert_default_shows_the_passes_on_g_t_then_the_surf(tiny_store, tmp_pa
     report = json.loads(out)
     assert "Levenberg-Marquardt on the final network of tiny" in err and "portfolio" in err
     passes = [s["pass"] for s in report["stages"]]
-    assert passes == ["final", "restart 1", "restart 2"] + ["surf"] * 4 + ["rescue 1"] * 4
-    for name, total in (("final", 1), ("restart 1", 1), ("restart 2", 1), ("surf", 4),
-                        ("rescue 1", 4)):  # fmt: skip
+    on_g_t = ["final"] + [f"restart {r}" for r in range(1, PORTFOLIO_ROUNDS + 1)]
+    assert passes == on_g_t + ["surf"] * 4 + ["rescue 1"] * 4
+    for name, total in [(p, 1) for p in on_g_t] + [("surf", 4), ("rescue 1", 4)]:
         assert f"{name}: 100%" in err and f"{total}/{total}" in err
     steps = [s["step"] for s in report["stages"]]
-    assert steps[:3] == [steps[-1]] * 3  # the passes on G_T name its step
+    assert steps[: len(on_g_t)] == [steps[-1]] * len(on_g_t)  # the passes on G_T name its step
 
 
 def test_invert_scale_writes_target_reconstruction_difference(tiny_store, tmp_path, capsys):
@@ -160,8 +174,19 @@ def test_invert_scale_writes_target_reconstruction_difference(tiny_store, tmp_pa
     from PIL import Image
 
     to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
-    _invert(tiny_store.root, tmp_path / "t.png", "--steps", "2", "--final-steps", "5",
-            "--scale", "3", "--out", str(tmp_path / "r.png"), "--no-progress")
+    _invert(
+        tiny_store.root,
+        tmp_path / "t.png",
+        "--steps",
+        "2",
+        "--final-steps",
+        "5",
+        "--scale",
+        "3",
+        "--out",
+        str(tmp_path / "r.png"),
+        "--no-progress",
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["side_by_side"] == str(tmp_path / "r.side.png")
     side = np.asarray(Image.open(tmp_path / "r.side.png"), dtype=np.int16)
@@ -216,10 +241,18 @@ def test_demo_trains_once_and_replaces_an_interrupted_one(tmp_path, monkeypatch,
     fake = torch.rand(256, 1, 28, 28)
     monkeypatch.setattr(surfing.train, "load_fashion_mnist", lambda split: (fake, None))
     store = ModelStore(tmp_path / "models")
-    with pytest.raises(RuntimeError), store.create(
-        "demo-dcgan-k10", arch=TINY, latent_dim=2, output_shape=[1, 28, 28],
-        value_range=[0.0, 1.0], training={}, dataset="x",
-    ) as w:
+    with (
+        pytest.raises(RuntimeError),
+        store.create(
+            "demo-dcgan-k10",
+            arch=TINY,
+            latent_dim=2,
+            output_shape=[1, 28, 28],
+            value_range=[0.0, 1.0],
+            training={},
+            dataset="x",
+        ) as w,
+    ):
         w.add(0, {"w": torch.zeros(1)})
         raise RuntimeError("interrupted")  # leaves complete=False
     demo = ["--models-dir", str(store.root), "demo", "--steps", "3", "--threads", "1"]
@@ -237,8 +270,17 @@ def test_invert_schedule_reaches_the_solver(tiny_store, tmp_path, capsys) -> Non
     to_png(torch.rand(1, 28, 28), tmp_path / "t.png")
     evals = {}
     for schedule in ("paper", "lm-stride"):
-        _invert(tiny_store.root, tmp_path / "t.png", "--schedule", schedule, "--steps", "3",
-                "--final-steps", "11", "--no-progress")
+        _invert(
+            tiny_store.root,
+            tmp_path / "t.png",
+            "--schedule",
+            schedule,
+            "--steps",
+            "3",
+            "--final-steps",
+            "11",
+            "--no-progress",
+        )
         report = json.loads(capsys.readouterr().out)
         evals[schedule] = report["generator_evals"]
         if schedule == "paper":  # 3 Adam steps on each of 3 stages, 11 on the last

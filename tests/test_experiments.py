@@ -329,3 +329,26 @@ def test_strongest_reads_curves_off_one_run(
     rerun = {"lm-restarts", "lm-stride s=1", "portfolio p=0"}
     for r in kept:  # rows merge per (model, setting, method): only the re-run ones changed
         assert r["trials"] == ("4" if r["setting"] == "A = I" and r["method"] in rerun else "6")
+
+
+def test_pooled_sums_only_the_settings_every_method_ran_in() -> None:
+    """A setting where one compared method did not run must not enter the pooled counts."""
+    from surfing.experiments.strongest import ROUNDS, pooled
+
+    def end(model: str, setting: str, p: int, trials: int, success: float, evals: float) -> dict:
+        return {"model": model, "setting": setting, "method": f"portfolio p={p}",
+                "trials": str(trials), "success %": str(success),
+                "evals / target": str(evals)}  # fmt: skip
+
+    ends = [end("a", "A = I", 2, 100, 90.0, 10), end("a", "A = I", 5, 100, 95.0, 20),
+            end("a", "m = 50", 2, 50, 50.0, 30),  # p = 5 did not run here
+            end("b", "A = I", 2, 300, 100.0, 40), end("b", "A = I", 5, 300, 99.0, 40)]  # fmt: skip
+    two, five = pooled(ends, ROUNDS)
+    assert (two["settings"], two["trials"], two["successes"]) == (2, 400, 390)
+    assert (five["settings"], five["trials"], five["successes"]) == (2, 400, 392)
+    assert (two["evals / target"], five["evals / target"]) == (32.5, 35.0)
+    lo, hi = (float(v) for v in five["95% CI"].split("-"))
+    assert two["success %"] == 97.5 and lo < five["success %"] == 98.0 < hi
+    # split by operator: the only compressed-sensing setting lacks p = 5, so none pools there
+    assert pooled(ends, ROUNDS, "A = I")[0]["settings"] == 2
+    assert pooled(ends, ROUNDS, "m < n")[0]["trials"] == 0

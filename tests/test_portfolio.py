@@ -264,7 +264,8 @@ def test_each_portfolio_point_is_the_run_stopped_there() -> None:
     b, x_init = two_basins()
     full = portfolio(Stream(), b, x_init, rule=StageRule(rescue_rounds=2))
     names = [p.name for p in full.rounds]
-    assert names[: PORTFOLIO_ROUNDS + 2] == ["final", "restart 1", "restart 2", "surf"]
+    restarts = [f"restart {r}" for r in range(1, PORTFOLIO_ROUNDS + 1)]
+    assert names[: PORTFOLIO_ROUNDS + 2] == ["final", *restarts, "surf"]
     assert_point(full.rounds[-1], full)
     # phase 1's points: lm_restarts with fewer rounds, and portfolio's own rounds option
     for r in range(PORTFOLIO_ROUNDS + 1):

@@ -52,20 +52,20 @@ def test_progress_shows_the_passes_on_g_t_then_the_surf_and_its_rescue(
 ) -> None:
     n, last_step = n_ckpt(env), env["store"].manifest("tiny").checkpoints[-1].step
     rows = _recorded(env, monkeypatch, method="surf", **STEPS)  # FLAT: never fitted
-    assert _passes(rows) == [("final", None, 1), ("restart", 1, 1), ("restart", 2, 1),
-                             ("surf", None, n), ("rescue", 1, n)]  # fmt: skip
+    g_t_passes = [("final", None, 1)] + [("restart", r, 1) for r in range(1, PORTFOLIO_ROUNDS + 1)]
+    assert _passes(rows) == g_t_passes + [("surf", None, n), ("rescue", 1, n)]
     on_g_t = [r for r in rows if r.get("pass_name") in ("final", "restart")]
     steps = [r["pass_step"] for r in on_g_t]  # null only until G_T is loaded, then G_T's
     known = steps[steps.index(last_step) :]
     assert set(steps[: len(steps) - len(known)]) <= {None} and set(known) == {last_step}
     assert any(r["pass_step"] == last_step for r in on_g_t if r["pass_name"] == "final")
     final = rows[-1]["final"]
-    assert (final["pass"], final["pass_round"], final["pass_index"]) == ("rescue", 1, 4)
+    rescue_index = len(g_t_passes) + 1  # after the passes on G_T and the surf
+    assert (final["pass"], final["pass_round"], final["pass_index"]) == ("rescue", 1, rescue_index)
 
     monkeypatch.undo()
     no_rescue = _recorded(env, monkeypatch, method="surf", rescue=False, **STEPS)
-    assert _passes(no_rescue) == [("final", None, 1), ("restart", 1, 1), ("restart", 2, 1),
-                                  ("surf", None, n)]  # fmt: skip
+    assert _passes(no_rescue) == g_t_passes + [("surf", None, n)]
 
     monkeypatch.undo()  # fitted on G_T at once: one pass, the stream is never read
     fitted = _recorded(env, monkeypatch, image=on_range(env), method="surf",
@@ -84,9 +84,11 @@ def test_the_worker_runs_the_solver_from_the_streams_final_network(env: dict[str
     np.testing.assert_allclose(res.latent, ref.x.double().numpy(), atol=1e-5)
     assert res.evals == ref.evals
     passes = [(t["pass"], t["pass_round"], t["pass_index"]) for t in res.trace]
+    on_g_t = list(range(PORTFOLIO_ROUNDS + 1))  # pass indices: final, restart 1, ...
+    surf_pass, rescue_pass = len(on_g_t), len(on_g_t) + 1
+    indices = on_g_t + [surf_pass] * n_ckpt(env) + [rescue_pass] * n_ckpt(env)
     assert passes == [(t.pass_name, t.pass_round, i) for t, i in
-                      zip(ref.trace, [0, 1, 2] + [3] * n_ckpt(env) + [4] * n_ckpt(env),
-                          strict=True)]  # fmt: skip
+                      zip(ref.trace, indices, strict=True)]  # fmt: skip
     assert [t["stage"] for t in res.trace] == list(range(1, len(ref.trace) + 1))
     assert all(t["stage"] <= t["total"] for t in res.trace)
     assert res.trace[0]["index"] == n_ckpt(env) - 1  # the first pass ran on G_T

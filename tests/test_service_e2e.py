@@ -25,6 +25,7 @@ from PIL import Image
 
 from app.db import normalize_url, upgrade_database
 from app.main import create_app
+from app.services import admission
 from app.settings import Settings
 from conftest import create_pg_database, drop_pg_database, tiny_target
 from models_store import ModelStore
@@ -228,7 +229,7 @@ def test_an_off_range_image_is_rescued_unless_the_client_says_no(
 ) -> None:
     """A constant image is off the tiny model's range: surf re-surfs it from a fresh start,
     which shows in the trace and the progress; rescue=false keeps one pass. The default,
-    portfolio, first runs LM on G_T and its two restart rounds (every one misses here)."""
+    portfolio, first runs LM on G_T and its restart rounds (every one misses here)."""
     flat = np.full((1, 28, 28), 0.5).tolist()
     done = {}
     for rescue in (None, False):
@@ -240,8 +241,9 @@ def test_an_off_range_image_is_rescued_unless_the_client_says_no(
         done[rescue] = service.wait(job_id)
         assert done[rescue]["status"] == "succeeded", done[rescue]
     rescued, plain = done[None], done[False]
-    # portfolio: "final" on G_T (all targets), "restart" 1 and 2 and the surf on the one target
-    head, first = ([], 0) if schedule == "auto" else (["final", "restart", "restart"], 3)
+    # portfolio: "final" on G_T (all targets), its "restart" rounds and the surf on the one target
+    on_g_t = ["final"] + ["restart"] * admission.PORTFOLIO_ROUNDS
+    head, first = ([], 0) if schedule == "auto" else (on_g_t, len(on_g_t))
     passes = [(t.get("pass"), t.get("rescued")) for t in rescued["result"]["trace"]]
     surf_moved = None if schedule == "auto" else 1  # portfolio surfs a subset: this target
     assert passes == [(p, None if p == "final" else 1) for p in head] + [

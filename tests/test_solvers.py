@@ -6,6 +6,7 @@ import torch
 
 from surfing.architectures import build_generator
 from surfing.measure import gaussian_matrix, measure
+from surfing.portfolio import PORTFOLIO_ROUNDS
 from surfing.solvers import (
     StageRule,
     direct,
@@ -143,11 +144,12 @@ def test_progress_callback_sees_every_stage_and_can_abort(tmp_path) -> None:
     seen.clear()
     surf(generators(store, "progress"), b, torch.zeros(1, 2), steps=2, final_steps=2,
          progress=seen.append, rule=StageRule(rescue_rtol=None))  # fmt: skip
-    assert [s.stage for s in seen] == list(range(8))
-    assert [(s.pass_name, s.pass_round) for s in seen] == [
-        ("final", None), ("restart", 1), ("restart", 2)] + [("surf", None)] * 5  # fmt: skip
-    assert [s.index for s in seen] == [4, 4, 4, 0, 1, 2, 3, 4]
-    assert all(s.stage < s.total for s in seen) and seen[-1].total == 8
+    on_g_t = [("final", None)] + [("restart", r) for r in range(1, PORTFOLIO_ROUNDS + 1)]
+    n = len(on_g_t) + 5
+    assert [s.stage for s in seen] == list(range(n))
+    assert [(s.pass_name, s.pass_round) for s in seen] == on_g_t + [("surf", None)] * 5
+    assert [s.index for s in seen] == [4] * len(on_g_t) + [0, 1, 2, 3, 4]
+    assert all(s.stage < s.total for s in seen) and seen[-1].total == n
 
     class Stop(Exception):
         pass

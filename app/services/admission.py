@@ -37,7 +37,7 @@ SURF_STEPS, FINAL_STEPS, DIRECT_STEPS, RESTARTS = 20, 1000, 2000, 4
 LM_ROUNDS, LM_ITERS = 3, 40
 # surf's default schedule and its restart rounds on G_T: surfing.solvers.DEFAULT_SCHEDULE and
 # surfing.portfolio.PORTFOLIO_ROUNDS (kept here: the API does not import torch to admit a job)
-DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS = "portfolio", 2
+DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS = "portfolio", 5
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="lm-restarts' largest round count")
     p.add_argument("--strides", type=int, nargs="+", default=[1, 4])
     p.add_argument("--rescue-rounds", type=int, default=2, help="lm-stride's rescue rounds")
-    p.add_argument("--portfolio-rounds", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--portfolio-rounds", type=int, nargs="+", default=[2, 5])
     p.add_argument("--methods", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                    help="which curves to run (a partial run merges into earlier rows)")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="add the paper's surfing (slow)")
@@ -233,23 +233,39 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
 
 
 POOLED = ("lm-restarts", "lm-stride s=1", "portfolio p=2")  # compared like with like
+POOLED_DEFAULT = ("lm-restarts", "lm-stride s=1", "portfolio p=5")  # the default since session 9
+ROUNDS = ("portfolio p=2", "portfolio p=5")  # the default's restart rounds, before and after
 
 
-def pooled(ends: list[dict]) -> list[dict]:
-    """Successes summed over the (model, setting) pairs where every POOLED method has an end
-    point, with a 95 % Wilson interval: differences too small for one setting's trials."""
+# Pooled tables split by operator too: A = I settings far outnumber the others and are solved
+# by every method, so pooled over everything they would hide the compressed-sensing gaps.
+OPERATORS = {
+    "all": lambda setting: True,
+    "A = I": lambda setting: setting == "A = I",
+    "m < n": lambda setting: setting != "A = I",
+}
+
+
+def pooled(
+    ends: list[dict], methods: tuple[str, ...] = POOLED, operators: str = "all"
+) -> list[dict]:
+    """Successes summed over the (model, setting) pairs (of `operators`) where every one of
+    `methods` has an end point, with a 95 % Wilson interval: differences too small for one
+    setting's trials."""
     by_pair: dict[tuple, dict[str, dict]] = {}
     for r in ends:
-        by_pair.setdefault((r["model"], r["setting"]), {})[r["method"]] = r
-    pairs = [p for p, methods in by_pair.items() if set(POOLED) <= set(methods)]
+        if OPERATORS[operators](r["setting"]):
+            by_pair.setdefault((r["model"], r["setting"]), {})[r["method"]] = r
+    pairs = [p for p, ran in by_pair.items() if set(methods) <= set(ran)]
     out = []
-    for method in POOLED:
+    for method in methods:
         rows = [by_pair[p][method] for p in pairs]
         n = sum(int(r["trials"]) for r in rows)
         wins = sum(round(float(r["success %"]) * int(r["trials"]) / 100) for r in rows)
         evals = sum(float(r["evals / target"]) * int(r["trials"]) for r in rows)
         lo, hi = wilson_interval(wins, n)
-        out.append({"method": method, "settings": len(pairs), "trials": n, "successes": wins,
+        out.append({"operators": operators, "method": method, "settings": len(pairs),
+                    "trials": n, "successes": wins,
                     "success %": round(100 * wins / max(n, 1), 2),
                     "95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}",
                     "evals / target": round(evals / max(n, 1), 1)})  # fmt: skip
@@ -276,7 +292,11 @@ def report(
             for r in rows if str(r["end"]) == "True"]  # fmt: skip
     body = [
         "### Pooled over the settings every compared method ran in\n",
-        markdown_table(pooled(ends)),
+        markdown_table([r for op in OPERATORS for r in pooled(ends, POOLED, op)]),
+        "\n### The same with the default's 5 restart rounds (fewer settings: where p = 5 ran)\n",
+        markdown_table([r for op in OPERATORS for r in pooled(ends, POOLED_DEFAULT, op)]),
+        "\n### The default's restart rounds: portfolio p = 2 against p = 5 where both ran\n",
+        markdown_table([r for op in OPERATORS for r in pooled(ends, ROUNDS, op)]),
         "\n### Curves: success against evaluations per target\n",
         f"Last run: `{command('strongest', args, COMMAND_KEYS)}` on {args.device} "
         f"(`--merge` keeps other models' rows; each row says its trial count). Every point "
