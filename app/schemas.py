@@ -38,9 +38,10 @@ class SolveOptions(BaseModel):
     method: Method = Field(
         "surf",
         description="surf (by default schedule portfolio: Levenberg-Marquardt on the final "
-        "network from x_init, then up to 5 rounds of fresh starts drawn from the model's latent "
-        "prior for the targets whose relative residual ||A G(x) - b||^2 / ||b||^2 is above "
-        "1e-4; then, only for the targets still not fitted, a surf of the trajectory (every "
+        "network from x_init, then up to 2 rounds (5 when m <= 2k) of fresh starts drawn from "
+        "the model's latent prior for the targets whose relative residual "
+        "||A G(x) - b||^2 / ||b||^2 is above 1e-4; then, only for the targets still not "
+        "fitted, a surf of the trajectory (every "
         "recorded checkpoint in training order, each stage warm-started from the last, as "
         "Alg. 3.1) with schedule lm-stride: the paper's Adam stage on theta_0, one "
         "Levenberg-Marquardt step per checkpoint with Jacobian reuse and skips, LM to "
@@ -57,9 +58,10 @@ class SolveOptions(BaseModel):
     schedule: Schedule | None = Field(
         None,
         description="How method=surf runs (surfing.solvers). portfolio (default): "
-        "Levenberg-Marquardt on the final network from x_init, then up to 5 rounds of fresh prior "
-        "draws for the targets with relative residual above 1e-4 (as lm-restarts), then, for "
-        "the targets still not fitted, a surf of the trajectory with lm-stride and its one "
+        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (5 when "
+        "m <= 2k) of fresh prior draws for the targets with relative residual above 1e-4 (as "
+        "lm-restarts), then, for the targets still not fitted, a surf of the trajectory with "
+        "lm-stride and its one "
         "rescue round; each target keeps its lowest objective; the trajectory is read only "
         "when some target needs it. The others surf every target from x_init, and every one "
         "but paper starts with the paper's Adam stage on the first checkpoint and re-surfs "
@@ -117,7 +119,7 @@ class SolveOptions(BaseModel):
         le=256,
         description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
         "after the first solve for lm-restarts (default 3). Not for surf: its portfolio "
-        "schedule always runs 5 restart rounds.",
+        "schedule runs 2 restart rounds (5 when m <= 2k).",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(

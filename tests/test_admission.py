@@ -168,8 +168,11 @@ def test_estimate_uses_the_solver_defaults() -> None:
     from surfing import portfolio
 
     assert admission.DEFAULT_SCHEDULE == solvers.DEFAULT_SCHEDULE == "portfolio"
-    rounds = inspect.signature(portfolio.portfolio).parameters["rounds"].default
-    assert admission.PORTFOLIO_ROUNDS == portfolio.PORTFOLIO_ROUNDS == rounds
+    assert admission.PORTFOLIO_ROUNDS == portfolio.PORTFOLIO_ROUNDS
+    assert admission.FEW_MEASUREMENT_ROUNDS == portfolio.FEW_MEASUREMENT_ROUNDS
+    for m, k in [(None, 10), (20, 10), (21, 10), (50, 10), (40, 20), (3, 1)]:
+        params = {"latent_dim": k} if m is None else {"latent_dim": k, "m": m}
+        assert admission.portfolio_rounds(params) == portfolio.portfolio_rounds(m, k)
     assert admission.LM_ITERS == solvers.StageRule().lm_iters
 
 

@@ -17,7 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from surfing.portfolio import FIRST_PHASE_SALT, MISS_RTOL, PORTFOLIO_ROUNDS, portfolio
+from surfing.portfolio import (
+    FEW_MEASUREMENT_ROUNDS,
+    FIRST_PHASE_SALT,
+    MISS_RTOL,
+    PORTFOLIO_ROUNDS,
+    portfolio,
+    portfolio_rounds,
+)
 from surfing.solvers import (
     DEFAULT_SCHEDULE,
     RESCUE_MARGIN,
@@ -301,3 +308,22 @@ def test_a_one_shot_stream_without_final_is_refused_clearly() -> None:
         surf([], b, x_init)
     assert_same(surf(stages, b, x_init), surf(tuple(stages), b, x_init))  # lists, tuples: fine
     assert surf(iter(stages), b, x_init, schedule="auto").x.shape == (1, 1)  # others: fine
+
+
+def test_the_default_rounds_follow_the_number_of_measurements() -> None:
+    """m <= 2k: FEW_MEASUREMENT_ROUNDS restart rounds before surfing, else PORTFOLIO_ROUNDS;
+    the first phase is then exactly lm_restarts with that many rounds."""
+    b, x_init = two_basins(off=True)  # never fitted: every round runs
+    ident = torch.eye(2)  # m = 2 measurements of the k = 1 toy: m <= 2k
+    few, plain = portfolio(Stream(), b, x_init, ident), portfolio(Stream(), b, x_init)
+
+    def restarts(res: SolveResult) -> list[str]:
+        return [p.name for p in res.rounds if p.name.startswith("restart")]
+
+    assert restarts(few) == [f"restart {r}" for r in range(1, FEW_MEASUREMENT_ROUNDS + 1)]
+    assert restarts(plain) == [f"restart {r}" for r in range(1, PORTFOLIO_ROUNDS + 1)]
+    ref = lm_restarts(TwoBasins(), b, x_init, ident, FEW_MEASUREMENT_ROUNDS, MISS_RTOL,
+                      FIRST_PHASE_SALT)  # fmt: skip
+    assert_point(few.rounds[FEW_MEASUREMENT_ROUNDS], ref)
+    few_r, plain_r = FEW_MEASUREMENT_ROUNDS, PORTFOLIO_ROUNDS
+    assert [portfolio_rounds(m, 1) for m in (None, 1, 2, 3)] == [plain_r, few_r, few_r, plain_r]

@@ -36,8 +36,9 @@ SURF_STEPS, FINAL_STEPS, DIRECT_STEPS, RESTARTS = 20, 1000, 2000, 4
 # lm-restarts: surfing.solvers.LM_RESTART_ROUNDS and StageRule.lm_iters
 LM_ROUNDS, LM_ITERS = 3, 40
 # surf's default schedule and its restart rounds on G_T: surfing.solvers.DEFAULT_SCHEDULE and
-# surfing.portfolio.PORTFOLIO_ROUNDS (kept here: the API does not import torch to admit a job)
-DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS = "portfolio", 5
+# surfing.portfolio.PORTFOLIO_ROUNDS / FEW_MEASUREMENT_ROUNDS (the latter when m <= 2k; kept
+# here: the API does not import torch to admit a job)
+DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS, FEW_MEASUREMENT_ROUNDS = "portfolio", 2, 5
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()
@@ -101,10 +102,11 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 
     surf: (checkpoints - 1) x steps + final_steps, doubled for the rescue pass every schedule
     but paper may run; with schedule portfolio (the default) plus its LM solves on G_T, as
-    lm-restarts with PORTFOLIO_ROUNDS rounds; adam: direct_steps; adam-restarts: restarts x
-    direct_steps; hybrid: the surf pass (no rescue) + restarts x direct_steps; lm-restarts:
-    (1 + restarts) solves of at most LM_ITERS Jacobians ((k + 1) / 2 each) and trial points
-    (1/2 each), k = latent_dim. `params["stages"]` already counts stride.
+    lm-restarts with PORTFOLIO_ROUNDS rounds (FEW_MEASUREMENT_ROUNDS when m <= 2k); adam:
+    direct_steps; adam-restarts: restarts x direct_steps; hybrid: the surf pass (no rescue)
+    + restarts x direct_steps; lm-restarts: (1 + restarts) solves of at most LM_ITERS
+    Jacobians ((k + 1) / 2 each) and trial points (1/2 each), k = latent_dim.
+    `params["stages"]` already counts stride.
     """
     steps = int(params.get("steps") or SURF_STEPS)
     final = int(params.get("final_steps") or FINAL_STEPS)
@@ -125,8 +127,14 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
         elif params.get("schedule") != "paper" and params.get("rescue") is not False:
             per_target *= 2
         if method == "surf" and (params.get("schedule") or DEFAULT_SCHEDULE) == "portfolio":
-            per_target += lm_solves(params, PORTFOLIO_ROUNDS)
+            per_target += lm_solves(params, portfolio_rounds(params))
     return per_target * n_targets
+
+
+def portfolio_rounds(params: dict[str, Any]) -> int:
+    """surfing.portfolio.portfolio_rounds from the job's params (m is set for cs jobs)."""
+    m, k = params.get("m"), int(params.get("latent_dim") or 1)
+    return FEW_MEASUREMENT_ROUNDS if m is not None and int(m) <= 2 * k else PORTFOLIO_ROUNDS
 
 
 def lm_solves(params: dict[str, Any], rounds: int) -> int:
