@@ -33,6 +33,9 @@ pytestmark = pytest.mark.timeout(300)
 
 X_STAR = [[-0.29, 0.43]]
 SLOW = {"schedule": "paper", "steps": "60", "final_steps": "300", "lr": "0.05"}
+# The page polls every 500 ms: at 60 steps a stage took ~60 ms on a fast CI machine, so a poll
+# could see only two stages of the 16; 10x the steps keeps every stage longer than a poll.
+POLLED = {**SLOW, "steps": "600"}
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
@@ -210,7 +213,7 @@ def test_polling_when_the_browser_has_no_event_source(
     try:
         open_page(driver, server)
         assert driver.execute_script("return typeof EventSource") == "undefined"
-        job_id = submit(driver, target_png, {"method": "surf", **SLOW})
+        job_id = submit(driver, target_png, {"method": "surf", **POLLED})
         check_live_run(server, job_id, watch(driver), "poll")
     finally:
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", hook)
