@@ -266,7 +266,10 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
             schedule, rule, graphs = parse_variant(variant, base_rule)
-            stages = TimedStages(generators(store, model_id, args.stride, dev))
+            # a fresh store per row: each row hash-checks every file it reads once, as a new
+            # process would (a store skips files it has already checked)
+            fresh = ModelStore(store.root)
+            stages = TimedStages(generators(fresh, model_id, args.stride, dev))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
             try:

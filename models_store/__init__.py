@@ -20,6 +20,7 @@ from .store import (
     TrajectoryWriter,
     Transform,
     convert,
+    default_readers,
     default_store_root,
     select_indices,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ModelNotFound",
     "ModelStore",
     "StoreError",
+    "default_readers",
     "TrajectoryWriter",
     "Transform",
     "Encoder",

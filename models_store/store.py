@@ -46,6 +46,7 @@ from .errors import (
     StoreError,
 )
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointInfo, Manifest, validate_model_id
+from .reading import CheckedReader
 from .recovery import check_resumable, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -180,10 +181,12 @@ class TrajectoryWriter:
 
 
 class ModelStore:
-    """Trajectory storage rooted at one folder; stateless, so safe to share between threads."""
+    """Trajectory storage rooted at one folder; safe to share between threads (its only state
+    is which checkpoint files it has already hash-checked, see models_store.reading)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._reader = CheckedReader()
 
     def path(self, model_id: str) -> Path:
         """Folder of a model (validated id; the folder may not exist)."""
@@ -366,17 +369,7 @@ class ModelStore:
         path = self.root / manifest.model_id / info.file
         where = f"model {manifest.model_id!r} checkpoint {index} ({info.file})"
         try:
-            if verify:
-                data = path.read_bytes()
-                if len(data) != info.bytes:
-                    raise CorruptCheckpoint(
-                        f"{where}: {len(data)} bytes on disk, manifest says {info.bytes}"
-                    )
-                if hashlib.sha256(data).hexdigest() != info.sha256:
-                    raise CorruptCheckpoint(f"{where}: sha256 does not match the manifest")
-                raw = safetensors.torch.load(data)
-            else:
-                raw = safetensors.torch.load_file(path)
+            raw = self._reader.read(path, info.bytes, info.sha256, where, verify)
         except FileNotFoundError:
             raise MissingCheckpoint(f"{where}: file {path} is missing") from None
         except SafetensorError as e:

@@ -122,6 +122,86 @@ def test_flipped_byte_is_corrupt(tmp_path: Path) -> None:
     assert not prefetch_threads()
 
 
+def test_a_verified_file_is_hashed_once_per_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second pass over the same files skips the sha256 (what a rescue pass used to pay
+    again), but a file changed in place or replaced is hashed again and caught."""
+    import os
+
+    from models_store import reading
+
+    hashed: list[int] = []
+    real = reading._sha256
+    monkeypatch.setattr(reading, "_sha256", lambda fd, size: hashed.append(size) or real(fd, size))
+    store = ModelStore(tmp_path)
+    write(store)
+    first = [c.tensors for c in store.checkpoints("m")]
+    assert len(hashed) == 4
+    again = [c.tensors for c in store.checkpoints("m")]
+    assert len(hashed) == 4  # same versions: not hashed again
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    ModelStore(tmp_path).load("m", 1)  # what a store remembers is its own
+    assert len(hashed) == 5
+
+    path = tmp_path / "m" / "ckpt-000002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    before = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))  # in place, as a later edit would: same inode, new mtime
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # file clocks tick coarsely (~4 ms)
+    with pytest.raises(CorruptCheckpoint, match="sha256"):
+        store.load("m", 2)
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert torch.equal(store.load("m", 2)["w"], first[2]["w"])
+    swapped = path.with_suffix(".tmp")
+    swapped.write_bytes((tmp_path / "m" / "ckpt-000003.safetensors").read_bytes())
+    os.replace(swapped, path)  # a new inode with another checkpoint's bytes
+    with pytest.raises(CorruptCheckpoint):
+        store.load("m", 2)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_tensors_come_back_where_torch_would_put_them(tmp_path: Path, verify: bool) -> None:
+    """64-byte aligned, as torch allocates: MKL's rounding depends on alignment, so a tensor
+    left where the file puts it would compute other numbers than the same weights in memory."""
+    store = ModelStore(tmp_path)
+    write(store)
+    for i in range(4):
+        tensors = store.load("m", i, verify=verify)
+        assert all(t.data_ptr() % 64 == 0 for t in tensors.values())
+        assert all(torch.equal(tensors[k], v.to(tensors[k].dtype)) for k, v in weights(40 * i).items())
+
+
+def test_a_file_replaced_while_it_is_read_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import safetensors.torch
+
+    from models_store import reading
+
+    store = ModelStore(tmp_path)
+    write(store)
+    path = tmp_path / "m" / "ckpt-000001.safetensors"
+    load = safetensors.torch.load_file
+
+    def load_then_replace(p: Path) -> dict[str, torch.Tensor]:
+        out = load(p)
+        copy = path.with_suffix(".tmp")
+        copy.write_bytes(path.read_bytes())
+        os.replace(copy, path)  # same bytes, another file
+        return out
+
+    monkeypatch.setattr(reading.safetensors.torch, "load_file", load_then_replace)
+    with pytest.raises(CorruptCheckpoint, match="changed while it was read"):
+        store.load("m", 1)
+    monkeypatch.setattr(reading.safetensors.torch, "load_file", load)
+    assert torch.equal(store.load("m", 1)["w"], weights(40)["w"])
+
+
 def test_crash_mid_write_leaves_readable_prefix(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     with pytest.raises(RuntimeError, match="boom"):

@@ -1,0 +1,87 @@
+"""Benchmark: what one surfing pass costs for a handful of targets, and where the time goes.
+
+The default solver surfs only the targets no restart fitted, often 1-5 of 100, and a pass for a
+few targets costs nearly what it costs for many: every checkpoint is still read, hash-checked
+and parsed, and every forward pass still reads all the weights. This times one `lm-stride` pass
+(no rescue) from the same starts, for each batch size B, in four ways, all in one run:
+
+- read ahead: a background reader thread reads, hash-checks and decodes the next checkpoints
+  while the solver works (what `Generators` did on every device until session 10)
+- read when due: each checkpoint is read when the solver asks for it (`readers=0`), with a
+  fresh store, then again with the same store (it skips the hash of files it has checked: a
+  rescue pass, or the worker's next job on the same model)
+- preloaded: every checkpoint decoded into memory first, so only the solver is timed
+- stream only: the stream with no solver (the pipeline's own cost, nothing to overlap with),
+  with a fresh store and then the same store again
+
+Not a timed test; e.g.
+
+    python bench/pass_cost.py --model dcgan-k10 --targets 1 2 5 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from models_store import ModelStore, default_store_root
+from surfing.solvers import StageRule, surf, uniform_latents
+from surfing.trajectory import Generators, final_generator
+
+RULE = StageRule(rescue_rtol=None)  # one pass only: the rescue would stream it again
+
+
+def timed_pass(stages: object, b: torch.Tensor, x0: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    surf(stages, b, x0, schedule="lm-stride", rule=RULE)  # type: ignore[arg-type]
+    return time.perf_counter() - t0
+
+
+def stream_only(store: ModelStore, model_id: str) -> float:
+    t0 = time.perf_counter()
+    for _ in Generators(store, model_id):
+        pass
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="dcgan-k10")
+    ap.add_argument("--targets", type=int, nargs="+", default=[1, 2, 5, 20])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="stream-only passes (the machine drifts)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = default_store_root()
+    manifest = ModelStore(root).manifest(args.model)
+    n = len(manifest.checkpoints)
+    G_T = final_generator(ModelStore(root), args.model)
+    print(f"model {args.model}: {n} checkpoints, encoding {manifest.encoding}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    held = list(Generators(ModelStore(root), args.model))  # also warms the page cache
+    for _ in range(args.repeat):
+        store = ModelStore(root)
+        first, again = stream_only(store, args.model), stream_only(store, args.model)
+        print(f"stream only: {1e3 * first / n:.1f} ms per checkpoint (fresh store), "
+              f"{1e3 * again / n:.1f} ms (the same store again)")
+    print("| B | read ahead (1 reader) s | read when due s | read when due, again s | "
+          "preloaded s | read ahead / preloaded | read when due / preloaded |")
+    print("|---|---|---|---|---|---|---|")
+    for B in args.targets:
+        x_star = uniform_latents(B, manifest.latent_dim, args.seed)
+        with torch.no_grad():
+            b = G_T(x_star).flatten(1)
+        x0 = uniform_latents(B, manifest.latent_dim, args.seed + 1)
+        ahead = timed_pass(Generators(ModelStore(root), args.model, readers=1), b, x0)
+        store = ModelStore(root)  # fresh: it has hash-checked nothing yet
+        due = timed_pass(Generators(store, args.model, readers=0), b, x0)
+        again = timed_pass(Generators(store, args.model, readers=0), b, x0)
+        pre = timed_pass(held, b, x0)
+        print(f"| {B} | {ahead:.2f} | {due:.2f} | {again:.2f} | {pre:.2f} | "
+              f"{ahead / pre:.2f} | {due / pre:.2f} |")
+
+if __name__ == "__main__":
+    main()
