@@ -20,7 +20,6 @@ from .store import (
     TrajectoryWriter,
     Transform,
     convert,
-    default_readers,
     default_store_root,
     select_indices,
 )
@@ -39,7 +38,6 @@ __all__ = [
     "ModelNotFound",
     "ModelStore",
     "StoreError",
-    "default_readers",
     "TrajectoryWriter",
     "Transform",
     "Encoder",

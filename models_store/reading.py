@@ -34,6 +34,27 @@ def _version(st: os.stat_result) -> Version:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+WILL_NEED_AHEAD = 3  # files a stream read when due asks the kernel to bring in ahead of time
+
+
+def will_need(path: Path) -> None:
+    """Ask the kernel to read `path` into the page cache in the background (no thread of ours
+    waits on the disk); a no-op where posix_fadvise is missing or the file is not there."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # reading it when due reports what is wrong
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: t if t.data_ptr() % ALIGN == 0 else t.clone() for k, t in tensors.items()}
 

@@ -46,7 +46,7 @@ from .errors import (
     StoreError,
 )
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointInfo, Manifest, validate_model_id
-from .reading import CheckedReader
+from .reading import WILL_NEED_AHEAD, CheckedReader, will_need
 from .recovery import check_resumable, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,9 @@ class ModelStore:
 
         if prefetch:
             return _prefetched(decoder.read, finish, indices, readers or default_readers())
-        return (finish(i, None) for i in indices)
+        folder = self.root / manifest.model_id
+        files = [folder / manifest.checkpoints[i].file for i in indices]
+        return _when_due(finish, indices, files)
 
     def _read_raw(self, manifest: Manifest, index: int, verify: bool) -> dict[str, torch.Tensor]:
         info = manifest.checkpoints[index]
@@ -428,6 +430,22 @@ def default_readers() -> int:
     core, longer than a GPU needs for a surfing stage, so a many-core host reads several
     files at once; a small one keeps one reader (and its cores for the solver)."""
     return min(4, max(1, (os.cpu_count() or 1) // 2))
+
+
+def _when_due(
+    finish: Callable[[int, dict[str, torch.Tensor] | None], Checkpoint],
+    indices: list[int],
+    files: list[Path],
+) -> Iterator[Checkpoint]:
+    """Yield finish(i) in the caller's thread, each checkpoint read when it is due, while the
+    kernel brings the next WILL_NEED_AHEAD files into the page cache: a cold trajectory's disk
+    reads still overlap the caller's work, and no thread of ours takes a core from it."""
+    for path in files[:WILL_NEED_AHEAD]:
+        will_need(path)
+    for j, index in enumerate(indices):
+        if j + WILL_NEED_AHEAD < len(files):
+            will_need(files[j + WILL_NEED_AHEAD])
+        yield finish(index, None)
 
 
 def _prefetched(

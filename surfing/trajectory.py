@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from models_store import Manifest, ModelStore, default_readers
+from models_store import Manifest, ModelStore
 from surfing.architectures import StateMismatch, build_generator, check_state
 
 
@@ -57,24 +56,6 @@ def checkpoint_generator(
     return G
 
 
-def stream_readers(device: torch.device) -> int:
-    """Background file readers for a pass on `device`; 0: read each checkpoint when it is due.
-
-    A GPU solver leaves the host's cores idle while its kernels run, so reading ahead costs it
-    nothing. A CPU solver whose threads already fill every core is only preempted by a reader,
-    and each parallel op then waits for the thread the reader displaced: on 2 cores a
-    100-target pass took longer reading ahead than reading each checkpoint when due
-    (docs/performance.md, "Streaming"). So on a CPU readers get only the cores torch leaves.
-    """
-    if device.type != "cpu":
-        return default_readers()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(default_readers(), cores - torch.get_num_threads()))
-
-
 class Generators:
     """Iterable of (index, step, G) over a trajectory with a known length.
 
@@ -94,7 +75,10 @@ class Generators:
     ) -> None:
         self.store, self.model_id, self.stride = store, model_id, stride
         self.device = torch.device(device)
-        # parallel file readers of the store's prefetch; None: stream_readers(device), 0: none
+        # Parallel file readers of the store's prefetch (None: its default). 0: each checkpoint
+        # is read in the consumer's thread when due: on a CPU whose cores the solver's threads
+        # fill, that was faster for a big batch with a warm page cache, slower for a few
+        # targets or a cold one (docs/performance.md, "Streaming").
         self.readers = readers
         self.manifest: Manifest = store.manifest(model_id)
         n = len(self.manifest.checkpoints)
@@ -120,13 +104,12 @@ class Generators:
         return index, self.manifest.checkpoints[index].step, G
 
     def __iter__(self) -> Iterator[tuple[int, int, nn.Module]]:
-        readers = stream_readers(self.device) if self.readers is None else self.readers
         stream = self.store.checkpoints(
             self.model_id,
             stride=self.stride,
-            prefetch=readers > 0,
+            prefetch=self.readers != 0,
             transform=None if self.device.type == "cpu" else self._to_device,
-            readers=readers or None,
+            readers=self.readers or None,
         )
         template = meta_generator(self.manifest.arch)
         for ckpt in stream:

@@ -171,7 +171,25 @@ def test_tensors_come_back_where_torch_would_put_them(tmp_path: Path, verify: bo
     for i in range(4):
         tensors = store.load("m", i, verify=verify)
         assert all(t.data_ptr() % 64 == 0 for t in tensors.values())
-        assert all(torch.equal(tensors[k], v.to(tensors[k].dtype)) for k, v in weights(40 * i).items())
+        for name, value in weights(40 * i).items():
+            assert torch.equal(tensors[name], value.to(tensors[name].dtype))
+
+
+def test_reading_when_due_asks_the_kernel_for_the_next_files_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models_store import store as store_module
+
+    asked: list[str] = []
+    monkeypatch.setattr(store_module, "will_need", lambda path: asked.append(path.name))
+    store = ModelStore(tmp_path)
+    write(store, steps=tuple(range(0, 240, 40)))  # 6 checkpoints
+    ahead = store_module.WILL_NEED_AHEAD
+    for j, ckpt in enumerate(store.checkpoints("m", prefetch=False)):
+        assert ckpt.index == j
+        # every file up to WILL_NEED_AHEAD past this one was asked for, each once
+        assert asked == [f"ckpt-{i:06d}.safetensors" for i in range(min(6, j + ahead + 1))]
+    assert not prefetch_threads()
 
 
 def test_a_file_replaced_while_it_is_read_is_reported(
