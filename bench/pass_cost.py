@@ -6,22 +6,24 @@ and parsed, and every forward pass still reads all the weights. This times one `
 (no rescue) from the same starts, for each batch size B, in four ways, all in one run:
 
 - read ahead: a background reader thread reads, hash-checks and decodes the next checkpoints
-  while the solver works (what `Generators` did on every device until session 10)
+  while the solver works (what `Generators` does by default)
 - read when due: each checkpoint is read when the solver asks for it (`readers=0`), with a
   fresh store, then again with the same store (it skips the hash of files it has checked: a
   rescue pass, or the worker's next job on the same model)
 - preloaded: every checkpoint decoded into memory first, so only the solver is timed
 - stream only: the stream with no solver (the pipeline's own cost, nothing to overlap with),
   with a fresh store and then the same store again
+- with --cold, read ahead and read when due again with the page cache dropped before each pass
 
 Not a timed test; e.g.
 
-    python bench/pass_cost.py --model dcgan-k10 --targets 1 2 5 20 --threads 2
+    python bench/pass_cost.py --model dcgan-k10 --targets 2 20 100 --threads 2 --cold
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 
 import torch
@@ -39,6 +41,11 @@ def timed_pass(stages: object, b: torch.Tensor, x0: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def drop_page_cache() -> None:
+    """Cold start: the trajectory must come from the disk again (root only; Linux)."""
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+
+
 def stream_only(store: ModelStore, model_id: str) -> float:
     t0 = time.perf_counter()
     for _ in Generators(store, model_id):
@@ -53,6 +60,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="stream-only passes (the machine drifts)")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time read ahead / when due with the page cache dropped (root)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = default_store_root()
@@ -81,7 +90,25 @@ def main() -> None:
         again = timed_pass(Generators(store, args.model, readers=0), b, x0)
         pre = timed_pass(held, b, x0)
         print(f"| {B} | {ahead:.2f} | {due:.2f} | {again:.2f} | {pre:.2f} | "
-              f"{ahead / pre:.2f} | {due / pre:.2f} |")
+              f"{ahead / pre:.2f} | {due / pre:.2f} |", flush=True)
+    if not args.cold:
+        return
+    print("\ncold page cache (dropped before each pass), twice each:")
+    print("| B | read ahead (1 reader) s | read when due s |")
+    print("|---|---|---|")
+    for B in args.targets:
+        x_star = uniform_latents(B, manifest.latent_dim, args.seed)
+        with torch.no_grad():
+            b = G_T(x_star).flatten(1)
+        x0 = uniform_latents(B, manifest.latent_dim, args.seed + 1)
+        times: dict[int, list[float]] = {1: [], 0: []}
+        for readers in (1, 0, 1, 0):
+            drop_page_cache()
+            stages = Generators(ModelStore(root), args.model, readers=readers)
+            times[readers].append(timed_pass(stages, b, x0))
+        fmt = " / ".join
+        print(f"| {B} | {fmt(f'{t:.2f}' for t in times[1])} | "
+              f"{fmt(f'{t:.2f}' for t in times[0])} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,11 @@
 """Reading a checkpoint file: checked against the manifest once per file version, copied once.
 
-Reading a 26 MB checkpoint into bytes, hashing them and parsing a second copy took ~30 ms of CPU
-per checkpoint (docs/performance.md, "Streaming"). Here the hash reads a read-only map of the
-file, safetensors maps the tensors, and only tensors the file leaves misaligned are copied. A
-file whose version (device, inode, size, mtime) was verified before is not hashed again: the
-store writes each file once and replaces files only by atomic rename, so a changed file is a
-new inode or a new mtime.
+Reading each file into bytes and parsing a second copy paid two copies per checkpoint, and a
+second pass over the same files (a rescue pass) hashed them all again (docs/performance.md,
+"Streaming"). Here the hash reads a read-only map of the file, safetensors maps the tensors,
+and only tensors the file leaves misaligned are copied. A file whose version (device, inode,
+size, mtime) was verified before is not hashed again: the store writes each file once and
+replaces files only by atomic rename, so a changed file is a new inode or a new mtime.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from .errors import CorruptCheckpoint
 
 Version = tuple[int, int, int, int]
 # torch's CPU allocator aligns to 64 bytes; a tensor mapped from a file starts wherever the file
-# puts it, and MKL rounds differently at another alignment (a 1-row product differed by 6e-7,
-# which sent 1 of 100 targets at m = 50 into another basin). Misaligned tensors are copied, so
-# a checkpoint computes exactly what the same weights built in memory do.
+# puts it, and MKL rounds differently at another alignment, enough to change a hard target's
+# basin (docs/performance.md, "Streaming"). Misaligned tensors are copied, so a checkpoint
+# computes exactly what the same weights built in memory do.
 ALIGN = 64
 REMEMBERED = 100_000  # verified file versions kept (about 100 bytes each)
 
