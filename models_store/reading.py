@@ -2,8 +2,9 @@
 
 Reading each file into bytes and parsing a second copy paid two copies per checkpoint, and a
 second pass over the same files (a rescue pass) hashed them all again (docs/performance.md,
-"Streaming"). Here the hash reads a read-only map of the file, safetensors maps the tensors,
-and only tensors the file leaves misaligned are copied. A file whose version (device, inode,
+"Streaming"). Here the hash streams the file through a small buffer, safetensors maps the
+tensors and each is copied once into torch's own memory (so no tensor stays backed by the file:
+a file truncated later cannot fault a running solve). A file whose version (device, inode,
 size, mtime) was verified before is not hashed again: the store writes each file once and
 replaces files only by atomic rename, so a changed file is a new inode or a new mtime.
 """
@@ -11,10 +12,10 @@ replaces files only by atomic rename, so a changed file is a new inode or a new 
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -22,11 +23,7 @@ import torch
 from .errors import CorruptCheckpoint
 
 Version = tuple[int, int, int, int]
-# torch's CPU allocator aligns to 64 bytes; a tensor mapped from a file starts wherever the file
-# puts it, and MKL rounds differently at another alignment, enough to change a hard target's
-# basin (docs/performance.md, "Streaming"). Misaligned tensors are copied, so a checkpoint
-# computes exactly what the same weights built in memory do.
-ALIGN = 64
+CHUNK = 1 << 20  # bytes hashed per read: the buffer stays in the CPU's caches
 REMEMBERED = 100_000  # verified file versions kept (about 100 bytes each)
 
 
@@ -55,15 +52,20 @@ def will_need(path: Path) -> None:
         os.close(fd)
 
 
-def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: t if t.data_ptr() % ALIGN == 0 else t.clone() for k, t in tensors.items()}
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies in torch's memory of tensors safetensors mapped from the file. Also 64-byte
+    aligned, as torch allocates: a mapped tensor starts wherever the file puts it, and MKL
+    rounds differently at another alignment, enough to change a hard target's basin
+    (docs/performance.md, "Streaming")."""
+    return {k: t.clone() for k, t in tensors.items()}
 
 
-def _sha256(fd: int, size: int) -> str:
-    if size == 0:  # mmap refuses an empty file
-        return hashlib.sha256(b"").hexdigest()
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
-        return hashlib.sha256(view).hexdigest()
+def _sha256(fh: BinaryIO) -> str:
+    digest, buf = hashlib.sha256(), bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        digest.update(view[:n])
+    return digest.hexdigest()
 
 
 class CheckedReader:
@@ -85,7 +87,7 @@ class CheckedReader:
                 raise CorruptCheckpoint(
                     f"{where}: {st.st_size} bytes on disk, manifest says {size}"
                 )
-            if _sha256(fh.fileno(), st.st_size) != sha256:
+            if _sha256(fh) != sha256:
                 raise CorruptCheckpoint(f"{where}: sha256 does not match the manifest")
         with self._lock:
             if len(self._verified) >= REMEMBERED:
@@ -100,11 +102,11 @@ class CheckedReader:
         must match the manifest's size and sha256, and must be the same version after it was
         mapped (a file replaced in between is reported, never half-read)."""
         if not verify:
-            return _aligned(safetensors.torch.load_file(path))
+            return _owned(safetensors.torch.load_file(path))
         version = self._check(path, size, sha256, where)
         tensors = safetensors.torch.load_file(path)
         if _version(os.stat(path)) != version:
             with self._lock:
                 self._verified.pop(path, None)
             raise CorruptCheckpoint(f"{where}: the file changed while it was read")
-        return _aligned(tensors)
+        return _owned(tensors)

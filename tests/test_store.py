@@ -131,9 +131,9 @@ def test_a_verified_file_is_hashed_once_per_version(
 
     from models_store import reading
 
-    hashed: list[int] = []
+    hashed: list[str] = []
     real = reading._sha256
-    monkeypatch.setattr(reading, "_sha256", lambda fd, size: hashed.append(size) or real(fd, size))
+    monkeypatch.setattr(reading, "_sha256", lambda fh: hashed.append(fh.name) or real(fh))
     store = ModelStore(tmp_path)
     write(store)
     first = [c.tensors for c in store.checkpoints("m")]
@@ -190,6 +190,18 @@ def test_reading_when_due_asks_the_kernel_for_the_next_files_first(
         # every file up to WILL_NEED_AHEAD past this one was asked for, each once
         assert asked == [f"ckpt-{i:06d}.safetensors" for i in range(min(6, j + ahead + 1))]
     assert not prefetch_threads()
+
+
+def test_no_tensor_stays_backed_by_its_file(tmp_path: Path) -> None:
+    """safetensors maps the file; the store copies, so a file overwritten in place (or
+    truncated) later changes nothing, and cannot fault, in a network already loaded."""
+    store = ModelStore(tmp_path)
+    write(store)
+    tensors = store.load("m", 1)
+    before = {k: v.clone() for k, v in tensors.items()}
+    path = tmp_path / "m" / "ckpt-000001.safetensors"
+    path.write_bytes(bytes(path.stat().st_size))  # zeros, in place: same inode
+    assert all(torch.equal(tensors[k], before[k]) for k in before)
 
 
 def test_a_file_replaced_while_it_is_read_is_reported(
