@@ -438,8 +438,8 @@ def _when_due(
     files: list[Path],
 ) -> Iterator[Checkpoint]:
     """Yield finish(i) in the caller's thread, each checkpoint read when it is due, while the
-    kernel brings the next WILL_NEED_AHEAD files into the page cache: a cold trajectory's disk
-    reads still overlap the caller's work, and no thread of ours takes a core from it."""
+    kernel brings the next WILL_NEED_AHEAD files into the page cache, so a cold trajectory's
+    disk reads can overlap the caller's work without a thread of ours taking a core from it."""
     for path in files[:WILL_NEED_AHEAD]:
         will_need(path)
     for j, index in enumerate(indices):

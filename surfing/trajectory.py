@@ -77,8 +77,8 @@ class Generators:
         self.device = torch.device(device)
         # Parallel file readers of the store's prefetch (None: its default). 0: each checkpoint
         # is read in the consumer's thread when due: on a CPU whose cores the solver's threads
-        # fill, that was faster for a big batch with a warm page cache, slower for a few
-        # targets or a cold one (docs/performance.md, "Streaming").
+        # fill, that was faster for a big batch and slower for a few targets
+        # (docs/performance.md, "Streaming").
         self.readers = readers
         self.manifest: Manifest = store.manifest(model_id)
         n = len(self.manifest.checkpoints)
