@@ -41,6 +41,14 @@ def timed_pass(stages: object, b: torch.Tensor, x0: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def targets(G_T: torch.nn.Module, B: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, x_init) for B targets on the final network's range, as surf_bench draws them."""
+    x_star = uniform_latents(B, k, seed)
+    with torch.no_grad():
+        b = G_T(x_star).flatten(1)
+    return b, uniform_latents(B, k, seed + 1)
+
+
 def drop_page_cache() -> None:
     """Cold start: the trajectory must come from the disk again (root only; Linux)."""
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
@@ -80,10 +88,7 @@ def main() -> None:
           "preloaded s | read ahead / preloaded | read when due / preloaded |")
     print("|---|---|---|---|---|---|---|")
     for B in args.targets:
-        x_star = uniform_latents(B, manifest.latent_dim, args.seed)
-        with torch.no_grad():
-            b = G_T(x_star).flatten(1)
-        x0 = uniform_latents(B, manifest.latent_dim, args.seed + 1)
+        b, x0 = targets(G_T, B, manifest.latent_dim, args.seed)
         ahead = timed_pass(Generators(ModelStore(root), args.model, readers=1), b, x0)
         store = ModelStore(root)  # fresh: it has hash-checked nothing yet
         due = timed_pass(Generators(store, args.model, readers=0), b, x0)
@@ -97,10 +102,7 @@ def main() -> None:
     print("| B | read ahead (1 reader) s | read when due s |")
     print("|---|---|---|")
     for B in args.targets:
-        x_star = uniform_latents(B, manifest.latent_dim, args.seed)
-        with torch.no_grad():
-            b = G_T(x_star).flatten(1)
-        x0 = uniform_latents(B, manifest.latent_dim, args.seed + 1)
+        b, x0 = targets(G_T, B, manifest.latent_dim, args.seed)
         times: dict[int, list[float]] = {1: [], 0: []}
         for readers in (1, 0, 1, 0):
             drop_page_cache()
