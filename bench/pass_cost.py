@@ -5,11 +5,13 @@ few targets costs nearly what it costs for many: every checkpoint is still read,
 and parsed, and every forward pass still reads all the weights. This times one `lm-stride` pass
 (no rescue) from the same starts, for each batch size B, in four ways, all in one run:
 
-- read ahead: a background reader thread reads, hash-checks and decodes the next checkpoints
-  while the solver works (what `Generators` does by default)
+- read ahead: a background reader thread reads, checks and decodes the next checkpoints while
+  the solver works (what `Generators` does by default), with a fresh store that trusts the
+  files' seals (a file verified once is not hashed again by any process), then with a fresh
+  store that ignores them (`seals=False`: every file hashed, as a store did before seals)
 - read when due: each checkpoint is read when the solver asks for it (`readers=0`), with a
-  fresh store, then again with the same store (it skips the hash of files it has checked: a
-  rescue pass, or the worker's next job on the same model)
+  fresh unsealed store, then again with the same store (it skips the hash of files it has
+  checked: a rescue pass, or the worker's next job on the same model)
 - preloaded: every checkpoint decoded into memory first, so only the solver is timed
 - stream only: the stream with no solver (the pipeline's own cost, nothing to overlap with),
   with a fresh store and then the same store again
@@ -29,6 +31,7 @@ import time
 import torch
 
 from models_store import ModelStore, default_store_root
+from models_store.reading import SEAL_AFTER_S, is_sealed
 from surfing.solvers import StageRule, surf, uniform_latents
 from surfing.trajectory import Generators, final_generator
 
@@ -55,6 +58,7 @@ def drop_page_cache() -> None:
 
 
 def stream_only(store: ModelStore, model_id: str) -> float:
+    """Seconds to stream every checkpoint with no solver."""
     t0 = time.perf_counter()
     for _ in Generators(store, model_id):
         pass
@@ -79,23 +83,32 @@ def main() -> None:
     print(f"model {args.model}: {n} checkpoints, encoding {manifest.encoding}, "
           f"{args.threads} threads, torch {torch.__version__}")
     held = list(Generators(ModelStore(root), args.model))  # also warms the page cache
+    folder = root / args.model
+    sealed = sum(is_sealed(folder / c.file, c.sha256) for c in manifest.checkpoints)
+    print(f"files sealed: {sealed} of {n} (a file is sealed once verified {SEAL_AFTER_S:g} s "
+          "or more after its last change)")
     for _ in range(args.repeat):
-        store = ModelStore(root)
+        store = ModelStore(root, seals=False)
         first, again = stream_only(store, args.model), stream_only(store, args.model)
-        print(f"stream only: {1e3 * first / n:.1f} ms per checkpoint (fresh store), "
-              f"{1e3 * again / n:.1f} ms (the same store again)")
-    print("| B | read ahead (1 reader) s | read when due s | read when due, again s | "
-          "preloaded s | read ahead / preloaded | read when due / preloaded |")
+        sealed_s = stream_only(ModelStore(root), args.model)
+        print(f"stream only: {1e3 * first / n:.1f} ms per checkpoint (fresh store, unsealed), "
+              f"{1e3 * again / n:.1f} ms (the same store again), {1e3 * sealed_s / n:.1f} ms "
+              "(fresh store, sealed)")
+    print("| B | read ahead, sealed s | read ahead, unsealed s | read when due, unsealed s | "
+          "read when due, again s | preloaded s | read ahead sealed / preloaded |")
     print("|---|---|---|---|---|---|---|")
     for B in args.targets:
         b, x0 = targets(G_T, B, manifest.latent_dim, args.seed)
         ahead = timed_pass(Generators(ModelStore(root), args.model, readers=1), b, x0)
-        store = ModelStore(root)  # fresh: it has hash-checked nothing yet
+        unsealed = timed_pass(
+            Generators(ModelStore(root, seals=False), args.model, readers=1), b, x0
+        )
+        store = ModelStore(root, seals=False)  # fresh: it has hash-checked nothing yet
         due = timed_pass(Generators(store, args.model, readers=0), b, x0)
         again = timed_pass(Generators(store, args.model, readers=0), b, x0)
         pre = timed_pass(held, b, x0)
-        print(f"| {B} | {ahead:.2f} | {due:.2f} | {again:.2f} | {pre:.2f} | "
-              f"{ahead / pre:.2f} | {due / pre:.2f} |", flush=True)
+        print(f"| {B} | {ahead:.2f} | {unsealed:.2f} | {due:.2f} | {again:.2f} | {pre:.2f} | "
+              f"{ahead / pre:.2f} |", flush=True)
     if not args.cold:
         return
     print("\ncold page cache (dropped before each pass), twice each:")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from models_store import ModelStore, default_store_root
+from models_store.reading import is_sealed
 from surfing.lm import CHORD, CHORD_THEN_FRESH, FRESH, SKIP, levenberg_marquardt
 from surfing.measure import gaussian_matrix
 from surfing.nets import InfoGANGenerator
@@ -266,9 +267,9 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
             schedule, rule, graphs = parse_variant(variant, base_rule)
-            # a fresh store per row: each row hash-checks every file it reads once, as a new
-            # process would (a store skips files it has already checked)
-            fresh = ModelStore(store.root)
+            # a fresh store per row, as a new process: it hashes every file it reads once,
+            # except files sealed by an earlier verification (--no-seals: every file)
+            fresh = ModelStore(store.root, seals=not args.no_seals)
             stages = TimedStages(generators(fresh, model_id, args.stride, dev))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
@@ -394,6 +395,8 @@ def main() -> None:
         help="add the CUDA-graphed baseline row; the batching comparison uses graphs too",
     )
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
+    p.add_argument("--no-seals", action="store_true",
+                   help="every surf row hashes every file it reads (ignore the files' seals)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.tf32 != "default":
@@ -408,6 +411,10 @@ def main() -> None:
         f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}",
         flush=True,
     )
+    manifest = store.manifest(args.model)
+    sealed = sum(is_sealed(store.path(args.model) / c.file, c.sha256) for c in manifest.checkpoints)
+    print(f"{args.model}: {sealed} of {len(manifest.checkpoints)} checkpoint files sealed "
+          f"(a fresh store skips their hash){'; ignored: --no-seals' if args.no_seals else ''}")
     for m in [] if args.skip_operators else args.m:
         run_operator(args, store, m or None, peak)
     print(

@@ -15,13 +15,16 @@ from pathlib import Path
 from ._atomic import TMP_SUFFIX, fsync_dir
 from .errors import CorruptCheckpoint, MissingCheckpoint, StoreError
 from .manifest import Manifest
+from .reading import SEAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"ckpt-\d{6}\.safetensors")
-# write_atomic's temp names: ".<final name>.<12 hex>.tmp"
+_SEAL_RE = re.compile(r"\.(ckpt-\d{6}\.safetensors)" + re.escape(SEAL_SUFFIX))
+# write_atomic's temp names: ".<final name>.<12 hex>.tmp"; a seal's: ".<seal name>.<12 hex>.tmp"
 _TMP_RE = re.compile(
-    r"\.(?:ckpt-\d{6}\.safetensors|manifest\.json)\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX)
+    r"\.(?:ckpt-\d{6}\.safetensors(?:\.verified)?|manifest\.json)\.[0-9a-f]{12}"
+    + re.escape(TMP_SUFFIX)
 )
 
 
@@ -56,7 +59,7 @@ def check_resumable(manifest: Manifest, folder: Path) -> None:
 
 
 def remove_orphans(manifest: Manifest, folder: Path) -> list[str]:
-    """Delete checkpoint files the manifest does not list, and leftover temp files.
+    """Delete checkpoint files the manifest does not list, their seals, and leftover temp files.
 
     Only names this store writes are touched: anything else in the folder is left alone.
     Returns the names removed.
@@ -66,6 +69,8 @@ def remove_orphans(manifest: Manifest, folder: Path) -> list[str]:
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         name = entry.name
         orphan = _CKPT_RE.fullmatch(name) is not None and name not in listed
+        seal = _SEAL_RE.fullmatch(name)
+        orphan |= seal is not None and seal.group(1) not in listed
         if (orphan or _TMP_RE.fullmatch(name)) and entry.is_file():
             entry.unlink(missing_ok=True)
             removed.append(name)

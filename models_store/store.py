@@ -182,11 +182,14 @@ class TrajectoryWriter:
 
 class ModelStore:
     """Trajectory storage rooted at one folder; safe to share between threads (its only state
-    is which checkpoint files it has already hash-checked, see models_store.reading)."""
+    is which checkpoint files it has already hash-checked, see models_store.reading).
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    With `seals` (the default) a file verified once is not hashed again by any process while it
+    stays the same file; seals=False hashes every file once per store, as before seals."""
+
+    def __init__(self, root: str | os.PathLike[str], seals: bool = True) -> None:
         self.root = Path(root)
-        self._reader = CheckedReader()
+        self._reader = CheckedReader(seals)
 
     def path(self, model_id: str) -> Path:
         """Folder of a model (validated id; the folder may not exist)."""

@@ -352,3 +352,27 @@ def test_pooled_sums_only_the_settings_every_method_ran_in() -> None:
     # split by operator: the only compressed-sensing setting lacks p = 5, so none pools there
     assert pooled(ends, ROUNDS, "A = I")[0]["settings"] == 2
     assert pooled(ends, ROUNDS, "m < n")[0]["trials"] == 0
+
+
+def test_strongest_miss_rtol_is_the_test_every_method_uses(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    """--miss-rtol sets the miss test of lm-restarts and the portfolio (the method names say
+    so): at 1 every target counts as fitted, so no restart round and no surf runs; at 0 none
+    does (a float residual is never exactly 0), so every round runs."""
+    common = ["--models", "tiny-k2", "--m", "0", "--trials", "4", "--rounds", "2",
+              "--strides", "1", "--rescue-rounds", "1", "--portfolio-rounds", "1", *TINY]
+    for rtol, lm_after, portfolio_last in (("1", ["final"], "final"),
+                                           ("0", ["final", "restart 1", "restart 2"], None)):
+        out = run_cli("strongest", store, tmp_path, *common, "--miss-rtol", rtol)
+        rows = out["rows"]  # type: ignore[index]
+        assert {r["method"] for r in rows} == {
+            f"lm-restarts miss={rtol}", f"lm-stride s=1 miss={rtol}", f"portfolio p=1 miss={rtol}"
+        }
+        lm = [r["after"] for r in rows if r["method"] == f"lm-restarts miss={rtol}"]
+        assert lm == lm_after
+        portfolio = [r["after"] for r in rows if r["method"] == f"portfolio p=1 miss={rtol}"]
+        if portfolio_last is not None:
+            assert portfolio == [portfolio_last]
+        else:  # its round, then the surf and the rescue of every target
+            assert portfolio[:2] == ["final", "restart 1"] and len(portfolio) >= 3

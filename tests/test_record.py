@@ -224,12 +224,18 @@ def test_orphan_checkpoint_from_a_crash_between_file_and_manifest(tmp_path, monk
     assert orphan.is_file() and steps_of(ModelStore(tmp_path), "orphan") == [0, 3]
     temp = folder / ".ckpt-000003.safetensors.0123456789ab.tmp"  # a write killed midway
     temp.write_bytes(b"partial")
+    seals = [folder / f".ckpt-00000{i}.safetensors.verified" for i in (1, 2)]
+    for seal in seals:  # a listed file's seal and the orphan's (reading.seal_path)
+        seal.write_text("{}")
+    seal_temp = folder / ".ckpt-000002.safetensors.verified.0123456789ab.tmp"
+    seal_temp.write_text("{")
     (folder / "notes.txt").write_text("the user's own file")
 
     loop.G.load_state_dict(states[3])
     with TrajectoryRecorder(tmp_path, "orphan", loop.G, every=3, arch=RELU_ARCH) as rec:
         assert rec.resumed
         assert not orphan.exists() and not temp.exists()  # removed before appending
+        assert seals[0].exists() and not seals[1].exists() and not seal_temp.exists()
         assert (folder / "notes.txt").read_text() == "the user's own file"
         for step in range(4, 8):
             loop.update()

@@ -134,14 +134,14 @@ def test_a_verified_file_is_hashed_once_per_version(
     hashed: list[str] = []
     real = reading._sha256
     monkeypatch.setattr(reading, "_sha256", lambda fh: hashed.append(fh.name) or real(fh))
-    store = ModelStore(tmp_path)
+    store = ModelStore(tmp_path, seals=False)
     write(store)
     first = [c.tensors for c in store.checkpoints("m")]
     assert len(hashed) == 4
     again = [c.tensors for c in store.checkpoints("m")]
     assert len(hashed) == 4  # same versions: not hashed again
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
-    ModelStore(tmp_path).load("m", 1)  # what a store remembers is its own
+    ModelStore(tmp_path, seals=False).load("m", 1)  # what a store remembers is its own
     assert len(hashed) == 5
 
     path = tmp_path / "m" / "ckpt-000002.safetensors"
@@ -160,6 +160,84 @@ def test_a_verified_file_is_hashed_once_per_version(
     os.replace(swapped, path)  # a new inode with another checkpoint's bytes
     with pytest.raises(CorruptCheckpoint):
         store.load("m", 2)
+
+
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from models_store import reading
+
+    hashed: list[str] = []
+    real = reading._sha256
+    monkeypatch.setattr(reading, "_sha256", lambda fh: hashed.append(fh.name) or real(fh))
+    return hashed
+
+
+def test_a_sealed_file_is_not_hashed_by_the_next_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh store (another process) trusts the seal of a file version verified before, but
+    hashes and catches a file edited after it was sealed, and ignores a seal that does not
+    match the manifest or does not parse."""
+    import os
+    import time
+
+    from models_store import reading
+
+    monkeypatch.setattr(reading, "SEAL_AFTER_S", 0.05)
+    hashed = _counting_hashes(monkeypatch)
+    write(ModelStore(tmp_path))
+    time.sleep(0.1)  # older than SEAL_AFTER_S
+    first = [c.tensors for c in ModelStore(tmp_path).checkpoints("m")]
+    assert len(hashed) == 4
+    folder = tmp_path / "m"
+    assert sorted(p.name for p in folder.glob(".*.verified")) == [
+        f".ckpt-{i:06d}.safetensors.verified" for i in range(4)
+    ]
+    again = [c.tensors for c in ModelStore(tmp_path).checkpoints("m")]
+    assert len(hashed) == 4  # every file's seal matched: nothing hashed
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    ModelStore(tmp_path, seals=False).load("m", 1)  # seals off: hashed as before
+    assert len(hashed) == 5
+
+    path = folder / "ckpt-000002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))  # in place: same inode and size, a new ctime
+    with pytest.raises(CorruptCheckpoint, match="sha256"):
+        ModelStore(tmp_path).load("m", 2)
+    assert len(hashed) == 6
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    seal = folder / ".ckpt-000002.safetensors.verified"
+    stale = seal.read_text()
+    time.sleep(0.1)
+    ModelStore(tmp_path).load("m", 2)  # hashed again (the seal is stale), sealed anew
+    assert len(hashed) == 7 and seal.read_text() != stale
+    forged = json.loads(seal.read_text())
+    forged["sha256"] = "0" * 64  # a seal for other bytes than the manifest lists
+    seal.write_text(json.dumps(forged))
+    ModelStore(tmp_path).load("m", 2)
+    assert len(hashed) == 8
+    seal.write_text('{"sha256": ')  # torn
+    ModelStore(tmp_path).load("m", 2)
+    assert len(hashed) == 9 and json.loads(seal.read_text())["sha256"] != "0" * 64
+    os.chmod(folder, 0o500)  # a read-only store still reads (root may write anyway)
+    try:
+        ModelStore(tmp_path).load("m", 3)
+    finally:
+        os.chmod(folder, 0o700)
+
+
+def test_a_file_changed_just_now_gets_no_seal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit in the clock tick the file was hashed in keeps its ctime: such a file must not
+    be sealed, or the edit would go unseen by every later process."""
+    hashed = _counting_hashes(monkeypatch)
+    write(ModelStore(tmp_path))
+    ModelStore(tmp_path).load("m", 0)  # written microseconds ago, far under SEAL_AFTER_S
+    assert not list((tmp_path / "m").glob(".*.verified"))
+    ModelStore(tmp_path).load("m", 0)
+    assert len(hashed) == 2
 
 
 @pytest.mark.parametrize("verify", [True, False])

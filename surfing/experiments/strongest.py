@@ -48,7 +48,7 @@ from surfing.trajectory import final_generator, generators
 
 HELP = "Issue 16: surfing vs. LM with restarts, success against evaluations per target"
 COMMAND_KEYS = ("models", "m", "trials", "rounds", "strides", "rescue_rounds",
-                "portfolio_rounds", "paper", "adam", "real", "seed")  # fmt: skip
+                "portfolio_rounds", "miss_rtol", "paper", "adam", "real", "seed")  # fmt: skip
 FAMILIES = ("lm-restarts", "lm-stride", "portfolio")
 CSV_NAME = "strongest.csv"
 REAL_CSV_NAME = "strongest_real.csv"
@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--portfolio-rounds", type=int, nargs="+", default=[2, 5])
     p.add_argument("--methods", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                    help="which curves to run (a partial run merges into earlier rows)")  # fmt: skip
+    p.add_argument("--miss-rtol", type=float,
+                   help="the miss test's threshold on ||r||^2/||b||^2 for every method (default "
+                   "StageRule's 1e-4); the method names then say it")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="add the paper's surfing (slow)")
     p.add_argument("--adam", action="store_true", help="add 2,000-step Adam on G_T (slow)")
     p.add_argument("--real", type=int, default=0,
@@ -90,17 +93,21 @@ def solvers(args: argparse.Namespace, store, model_id: str, G, A, prior: str) ->
                                   final_steps=args.final_steps, schedule=schedule,
                                   prior=prior, **kw)  # fmt: skip
 
-    rule = StageRule(rescue_rounds=args.rescue_rounds)
+    miss = StageRule().rescue_rtol if args.miss_rtol is None else args.miss_rtol
+    assert miss is not None
+    tag = "" if args.miss_rtol is None else f" miss={args.miss_rtol:g}"
+    rule = StageRule(rescue_rounds=args.rescue_rounds, rescue_rtol=miss)
     out: dict[str, Solver] = {} if "lm-restarts" not in args.methods else {
-        "lm-restarts": lambda b, x0: lm_restarts(G, b, x0, A, rounds=args.rounds,
-                                                 seed=args.seed, prior=prior),
+        f"lm-restarts{tag}": lambda b, x0: lm_restarts(G, b, x0, A, rounds=args.rounds,
+                                                       rtol=miss, seed=args.seed, prior=prior),
     }  # fmt: skip
     for s in args.strides if "lm-stride" in args.methods else []:
-        out[f"lm-stride s={s}"] = surfer(s, "lm-stride", rule=rule)
+        out[f"lm-stride s={s}{tag}"] = surfer(s, "lm-stride", rule=rule)
     stages = generators(store, model_id, 1, args.device)
     for p in args.portfolio_rounds if "portfolio" in args.methods else []:
-        out[f"portfolio p={p}"] = lambda b, x0, p=p: portfolio(
-            stages, b, x0, A, args.steps, args.lr, None, args.final_steps, prior=prior, rounds=p
+        out[f"portfolio p={p}{tag}"] = lambda b, x0, p=p: portfolio(
+            stages, b, x0, A, args.steps, args.lr, None, args.final_steps, prior=prior,
+            rule=StageRule(rescue_rtol=miss), rounds=p,
         )
     if args.paper:
         out["paper"] = surfer(1, "paper")
