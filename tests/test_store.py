@@ -227,6 +227,28 @@ def test_a_sealed_file_is_not_hashed_by_the_next_process(
         os.chmod(folder, 0o700)
 
 
+def test_a_sealed_file_is_asked_of_the_kernel_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping the hash skips its sequential read too, so the whole file is asked for ahead of
+    the map, in pieces (the kernel reads at most its readahead window per request)."""
+    import os
+    import time
+
+    from models_store import reading
+
+    monkeypatch.setattr(reading, "SEAL_AFTER_S", 0.05)
+    write(ModelStore(tmp_path))
+    time.sleep(0.1)
+    ModelStore(tmp_path).load("m", 1)  # hashed and sealed
+    monkeypatch.setattr(reading, "ADVISE_CHUNK", 64)
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: asked.append((off, n)))
+    ModelStore(tmp_path).load("m", 1)
+    size = (tmp_path / "m" / "ckpt-000001.safetensors").stat().st_size
+    assert size > 2 * 64 and asked == [(off, 64) for off in range(0, size, 64)]
+
+
 def test_a_file_changed_just_now_gets_no_seal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
