@@ -38,9 +38,9 @@ class SolveOptions(BaseModel):
     method: Method = Field(
         "surf",
         description="surf (by default schedule portfolio: Levenberg-Marquardt on the final "
-        "network from x_init, then up to 2 rounds (5 when m <= 2k) of fresh starts drawn from "
+        "network from x_init, then up to 2 rounds (10 when m <= 2k) of fresh starts drawn from "
         "the model's latent prior for the targets whose relative residual "
-        "||A G(x) - b||^2 / ||b||^2 is above 1e-4; then, only for the targets still not "
+        "||A G(x) - b||^2 / ||b||^2 is above 1e-5; then, only for the targets still not "
         "fitted, a surf of the trajectory (every "
         "recorded checkpoint in training order, each stage warm-started from the last, as "
         "Alg. 3.1) with schedule lm-stride: the paper's Adam stage on theta_0, one "
@@ -51,15 +51,15 @@ class SolveOptions(BaseModel):
         "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
         "restarts, lowest objective kept), lm-restarts (Levenberg-Marquardt on the final "
         "network only, from x_init; then up to `restarts` rounds (default 3) of fresh starts "
-        "drawn from the model's latent prior for the targets whose residual is still above 1 % "
-        "of the target in norm, each target keeping its lowest objective; uses `restarts` and "
+        "drawn from the model's latent prior for the targets whose relative residual is "
+        "still above 1e-5, each target keeping its lowest objective; uses `restarts` and "
         "`seed`, never the trajectory).",
     )
     schedule: Schedule | None = Field(
         None,
         description="How method=surf runs (surfing.solvers). portfolio (default): "
-        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (5 when "
-        "m <= 2k) of fresh prior draws for the targets with relative residual above 1e-4 (as "
+        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (10 when "
+        "m <= 2k) of fresh prior draws for the targets with relative residual above 1e-5 (as "
         "lm-restarts), then, for the targets still not fitted, a surf of the trajectory with "
         "lm-stride and its one "
         "rescue round; each target keeps its lowest objective; the trajectory is read only "
@@ -77,7 +77,8 @@ class SolveOptions(BaseModel):
     rescue: bool | None = Field(
         None,
         description="method=surf with any schedule but paper: a target whose final residual "
-        "is above 1 % of the target (in norm) surfs the trajectory again from a fresh start and "
+        "is above about 0.3 % of the target in norm (relative residual 1e-5) surfs the "
+        "trajectory again from a fresh start and "
         "keeps the better result (default true; on targets that lie on the model's range this "
         "finds the optimum where the first pass missed it). Images off the model's range are "
         "never fitted that well, so each takes the extra pass: set false to skip it. With "
@@ -119,7 +120,7 @@ class SolveOptions(BaseModel):
         le=256,
         description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
         "after the first solve for lm-restarts (default 3). Not for surf: its portfolio "
-        "schedule runs 2 restart rounds (5 when m <= 2k).",
+        "schedule runs 2 restart rounds (10 when m <= 2k).",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(

@@ -15,6 +15,7 @@ from surfing.latents import check_prior, sample_latents
 from surfing.lm import levenberg_marquardt
 from surfing.results import RoundPoint, SolveResult, StageTrace
 from surfing.solvers import (
+    MISS_RTOL,
     RESCUE_MARGIN,
     Progress,
     Stage,
@@ -156,7 +157,7 @@ def lm_restarts(
     x_init: torch.Tensor,
     A: torch.Tensor | None = None,
     rounds: int = LM_RESTART_ROUNDS,
-    rtol: float = 1e-4,
+    rtol: float = MISS_RTOL,
     seed: int = 0,
     prior: str = "uniform",
     rule: StageRule | None = None,

@@ -293,7 +293,8 @@ def test_strongest_reads_curves_off_one_run(
     and on exact-recovery targets a restart never loses a success (fitted targets stay put)."""
     out = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0", "2k",
                   "--trials", "6", "--rounds", "3", "--strides", "1", "2",
-                  "--rescue-rounds", "1", "--portfolio-rounds", "0", "1", "--adam", *TINY)
+                  "--rescue-rounds", "1", "--portfolio-rounds", "0", "1", "--adam",
+                  "--miss-rtol", "1e-4", *TINY)  # 1e-4: the method names carry no tag
     rows = out["rows"]  # type: ignore[index]
     assert {r["setting"] for r in rows} == {"A = I", "m = 4"}
     for setting in ("A = I", "m = 4"):
@@ -319,7 +320,7 @@ def test_strongest_reads_curves_off_one_run(
     monkeypatch.setattr(fig4, "load_fashion_mnist", lambda split, d=None: (fake, None))
     again = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0",
                     "--trials", "4", "--rounds", "1", "--strides", "1", "--portfolio-rounds",
-                    "0", "--real", "3", "--merge", *TINY)
+                    "0", "--real", "3", "--merge", "--miss-rtol", "1e-4", *TINY)
     real = again["real"]  # type: ignore[index]
     assert [r["method"] for r in real] == ["lm-restarts", "lm-stride s=1", "portfolio p=0"]
     assert all(0 <= r["median pixel error"] <= 1 and r["images"] == 3 for r in real)
@@ -360,6 +361,12 @@ def test_strongest_miss_rtol_is_the_test_every_method_uses(
     """--miss-rtol sets the miss test of lm-restarts and the portfolio (the method names say
     so): at 1 every target counts as fitted, so no restart round and no surf runs; at 0 none
     does (a float residual is never exactly 0), so every round runs."""
+    plain = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0",
+                    "--trials", "2", "--rounds", "1", "--strides", "1", "--portfolio-rounds",
+                    "1", *TINY)  # the default threshold, 1e-5: rows from before had 1e-4
+    assert {r["method"] for r in plain["rows"]} == {  # type: ignore[index]
+        "lm-restarts miss=1e-05", "lm-stride s=1 miss=1e-05", "portfolio p=1 miss=1e-05"
+    }
     common = ["--models", "tiny-k2", "--m", "0", "--trials", "4", "--rounds", "2",
               "--strides", "1", "--rescue-rounds", "1", "--portfolio-rounds", "1", *TINY]
     for rtol, lm_after, portfolio_last in (("1", ["final"], "final"),

@@ -38,7 +38,7 @@ LM_ROUNDS, LM_ITERS = 3, 40
 # surf's default schedule and its restart rounds on G_T: surfing.solvers.DEFAULT_SCHEDULE and
 # surfing.portfolio.PORTFOLIO_ROUNDS / FEW_MEASUREMENT_ROUNDS (the latter when m <= 2k; kept
 # here: the API does not import torch to admit a job)
-DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS, FEW_MEASUREMENT_ROUNDS = "portfolio", 2, 5
+DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS, FEW_MEASUREMENT_ROUNDS = "portfolio", 2, 10
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()
