@@ -12,6 +12,7 @@ fraction of the machine's measured matmul FLOP/s. Optionally the batching compar
 A variant is a schedule name, optionally with StageRule overrides after a colon, so settings
 can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0` or
 `lm:rescue_rtol=none` (no rescue pass);
+`portfolio:readers=0` reads each checkpoint in the solver's thread when due (no reader thread);
 `paper:graphs=1` runs the paper schedule's Adam steps as a replayed CUDA graph
 (surfing.graphs), and `--graphs` adds the graphed direct-Adam baseline as a row.
 `--tf32 off` turns TF32 off for cuDNN convolutions and matmuls (a GPU's default keeps it on for
@@ -153,6 +154,8 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
         if key == "graphs":
             graphs = value.lower() in ("1", "true", "yes")
             continue
+        if key == "readers":  # see variant_readers
+            continue
         if key not in types:
             raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
         kind = types[key]
@@ -163,6 +166,16 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
         else:
             changes[key] = kind(value)
     return name, dataclasses.replace(base, **changes), graphs
+
+
+def variant_readers(spec: str) -> int | None:
+    """The pseudo-field `readers` of a variant: the stream's reader threads, 0 = read each
+    checkpoint in the solver's thread when due (None: surfing.trajectory.Generators' default)."""
+    for item in spec.partition(":")[2].split(","):
+        key, _, value = item.partition("=")
+        if key == "readers":
+            return int(value)
+    return None
 
 
 def action_shares(res: SolveResult) -> str:
@@ -270,7 +283,8 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             # a fresh store per row, as a new process: it hashes every file it reads once,
             # except files sealed by an earlier verification (--no-seals: every file)
             fresh = ModelStore(store.root, seals=not args.no_seals)
-            stages = TimedStages(generators(fresh, model_id, args.stride, dev))
+            readers = variant_readers(variant)
+            stages = TimedStages(Generators(fresh, model_id, args.stride, dev, readers))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
             try:
