@@ -1,0 +1,57 @@
+"""How much of a checkpoint file one posix_fadvise(WILLNEED) brings into the page cache.
+
+Drops the page cache (root, Linux), asks for one file whole in one request, waits, and reads
+the resident size with util-linux's `fincore`; then the same with
+`models_store.reading._advise_whole`, which asks in pieces. The kernel caps one request at its
+readahead window, so one request for a file larger than it brings in only the window. E.g.
+
+    python bench/readahead_check.py --model dcgan-k10 --index 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from models_store import ModelStore, default_store_root
+from models_store.reading import _advise_whole
+
+
+def resident_after(path: Path, ask: Callable[[int], None], wait_s: float) -> str:
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ask(fd)
+    finally:
+        os.close(fd)
+    time.sleep(wait_s)
+    out = subprocess.run(["fincore", "--noheadings", "--bytes", "-o", "RES,SIZE", str(path)],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return f"{int(out[0]) / 2**20:.1f} of {int(out[1]) / 2**20:.1f} MiB resident"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="dcgan-k10")
+    ap.add_argument("--index", type=int, default=10)
+    ap.add_argument("--wait", type=float, default=1.0, help="seconds before fincore looks")
+    args = ap.parse_args()
+    store = ModelStore(default_store_root())
+    path = store.path(args.model) / store.manifest(args.model).checkpoints[args.index].file
+    dev = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    ra = next((q for q in (block / "queue", block / "../queue") if q.exists()), None)
+    window = f"{(ra / 'read_ahead_kb').read_text().strip()} KB" if ra else "unknown"
+    print(f"{path}: readahead window {window}, kernel {os.uname().release}")
+    whole = resident_after(path, lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED),
+                           args.wait)  # fmt: skip
+    print(f"one WILLNEED for the whole file: {whole}")
+    print(f"models_store.reading._advise_whole: {resident_after(path, _advise_whole, args.wait)}")
+
+
+if __name__ == "__main__":
+    main()
