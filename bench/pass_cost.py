@@ -14,7 +14,7 @@ and parsed, and every forward pass still reads all the weights. This times one `
   checked: a rescue pass, or the worker's next job on the same model)
 - preloaded: every checkpoint decoded into memory first, so only the solver is timed
 - stream only: the stream with no solver (the pipeline's own cost, nothing to overlap with),
-  with a fresh store and then the same store again
+  with a fresh unsealed store, the same store again, and a fresh store that trusts the seals
 - with --cold, read ahead and read when due again with the page cache dropped before each pass
 
 Not a timed test; e.g.

@@ -2,8 +2,9 @@
 
 Drops the page cache (root, Linux), asks for one file whole in one request, waits, and reads
 the resident size with util-linux's `fincore`; then the same with
-`models_store.reading._advise_whole`, which asks in pieces. The kernel caps one request at its
-readahead window, so one request for a file larger than it brings in only the window. E.g.
+`models_store.reading.will_need`, which asks in pieces (as a sealed file is read). The kernel
+caps one request at its readahead window, so one request for a larger file brings in only the
+window. E.g.
 
     python bench/readahead_check.py --model dcgan-k10 --index 10
 """
@@ -17,17 +18,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pass_cost import drop_page_cache
+
 from models_store import ModelStore, default_store_root
-from models_store.reading import _advise_whole
+from models_store.reading import will_need
 
 
-def resident_after(path: Path, ask: Callable[[int], None], wait_s: float) -> str:
-    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+def one_request(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        ask(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def resident_after(path: Path, ask: Callable[[Path], None], wait_s: float) -> str:
+    drop_page_cache()
+    ask(path)
     time.sleep(wait_s)
     out = subprocess.run(["fincore", "--noheadings", "--bytes", "-o", "RES,SIZE", str(path)],
                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
@@ -47,10 +54,8 @@ def main() -> None:
     ra = next((q for q in (block / "queue", block / "../queue") if q.exists()), None)
     window = f"{(ra / 'read_ahead_kb').read_text().strip()} KB" if ra else "unknown"
     print(f"{path}: readahead window {window}, kernel {os.uname().release}")
-    whole = resident_after(path, lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED),
-                           args.wait)  # fmt: skip
-    print(f"one WILLNEED for the whole file: {whole}")
-    print(f"models_store.reading._advise_whole: {resident_after(path, _advise_whole, args.wait)}")
+    print(f"one WILLNEED for the whole file: {resident_after(path, one_request, args.wait)}")
+    print(f"models_store.reading.will_need: {resident_after(path, will_need, args.wait)}")
 
 
 if __name__ == "__main__":
