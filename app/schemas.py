@@ -38,7 +38,7 @@ class SolveOptions(BaseModel):
     method: Method = Field(
         "surf",
         description="surf (by default schedule portfolio: Levenberg-Marquardt on the final "
-        "network from x_init, then up to 2 rounds (10 when m <= 2k) of fresh starts drawn from "
+        "network from x_init, then up to 2 rounds (20 when m <= 3k) of fresh starts drawn from "
         "the model's latent prior for the targets whose relative residual "
         "||A G(x) - b||^2 / ||b||^2 is above 1e-5; then, only for the targets still not "
         "fitted, a surf of the trajectory (every "
@@ -58,8 +58,8 @@ class SolveOptions(BaseModel):
     schedule: Schedule | None = Field(
         None,
         description="How method=surf runs (surfing.solvers). portfolio (default): "
-        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (10 when "
-        "m <= 2k) of fresh prior draws for the targets with relative residual above 1e-5 (as "
+        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (20 when "
+        "m <= 3k) of fresh prior draws for the targets with relative residual above 1e-5 (as "
         "lm-restarts), then, for the targets still not fitted, a surf of the trajectory with "
         "lm-stride and its one "
         "rescue round; each target keeps its lowest objective; the trajectory is read only "
@@ -120,7 +120,7 @@ class SolveOptions(BaseModel):
         le=256,
         description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
         "after the first solve for lm-restarts (default 3). Not for surf: its portfolio "
-        "schedule runs 2 restart rounds (10 when m <= 2k).",
+        "schedule runs 2 restart rounds (20 when m <= 3k).",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(

@@ -32,12 +32,13 @@ from surfing.solvers import (
 )
 
 # LM restart rounds on G_T before the trajectory is surfed (`portfolio_rounds`). With few
-# measurements (m <= 2k) 5 rounds fitted 1-13 points more targets than 2 at about the same cost,
-# and 10 fitted 10 points more than 5 on dcgan-k10 at m = 20 for 6 % more evaluations (a round
-# spares the targets it fits a surfing pass); elsewhere more rounds fitted as many, and an
-# off-range image, which no round fits, paid ~30 % more for them.
+# measurements (m <= 3k) every extra round kept fitting targets: 20 rounds fitted 8-13 points
+# more than 10 at m = 2k and the surf after them added 0.3-2 points (300 trials on three
+# trainings); elsewhere rounds beyond 2 fitted as many, and an off-range image, which no round
+# fits, pays for every one of them. Measurements: docs/results.md, "Session 12".
 PORTFOLIO_ROUNDS = 2
-FEW_MEASUREMENT_ROUNDS = 10
+FEW_MEASUREMENT_ROUNDS = 20
+FEW_MEASUREMENTS_PER_LATENT = 3  # "few": m <= 3k (2.5k still gained 11 points, 5k none)
 PORTFOLIO_SURF = "lm-stride"  # how the still-unfitted targets surf (with its rescue pass)
 # Salts the first phase's restart draws so they differ from the rescue's (surf uses salt 0):
 # a target the restarts could not fit then surfs from starts it has not tried yet.
@@ -46,7 +47,8 @@ FIRST_PHASE_SALT = -1
 
 def portfolio_rounds(m: int | None, latent_dim: int) -> int:
     """The default's restart rounds for m measurements (None: A = I) of a k-dim latent."""
-    return FEW_MEASUREMENT_ROUNDS if m is not None and m <= 2 * latent_dim else PORTFOLIO_ROUNDS
+    few = m is not None and m <= FEW_MEASUREMENTS_PER_LATENT * latent_dim
+    return FEW_MEASUREMENT_ROUNDS if few else PORTFOLIO_ROUNDS
 
 
 def portfolio(

@@ -170,7 +170,8 @@ def test_estimate_uses_the_solver_defaults() -> None:
     assert admission.DEFAULT_SCHEDULE == solvers.DEFAULT_SCHEDULE == "portfolio"
     assert admission.PORTFOLIO_ROUNDS == portfolio.PORTFOLIO_ROUNDS
     assert admission.FEW_MEASUREMENT_ROUNDS == portfolio.FEW_MEASUREMENT_ROUNDS
-    for m, k in [(None, 10), (20, 10), (21, 10), (50, 10), (40, 20), (3, 1)]:
+    assert admission.FEW_MEASUREMENTS_PER_LATENT == portfolio.FEW_MEASUREMENTS_PER_LATENT
+    for m, k in [(None, 10), (20, 10), (30, 10), (31, 10), (50, 10), (50, 20), (61, 20), (4, 1)]:
         params = {"latent_dim": k} if m is None else {"latent_dim": k, "m": m}
         assert admission.portfolio_rounds(params) == portfolio.portfolio_rounds(m, k)
     assert admission.LM_ITERS == solvers.StageRule().lm_iters

@@ -311,10 +311,10 @@ def test_a_one_shot_stream_without_final_is_refused_clearly() -> None:
 
 
 def test_the_default_rounds_follow_the_number_of_measurements() -> None:
-    """m <= 2k: FEW_MEASUREMENT_ROUNDS restart rounds before surfing, else PORTFOLIO_ROUNDS;
+    """m <= 3k: FEW_MEASUREMENT_ROUNDS restart rounds before surfing, else PORTFOLIO_ROUNDS;
     the first phase is then exactly lm_restarts with that many rounds."""
     b, x_init = two_basins(off=True)  # never fitted: every round runs
-    ident = torch.eye(2)  # m = 2 measurements of the k = 1 toy: m <= 2k
+    ident = torch.eye(2)  # m = 2 measurements of the k = 1 toy: m <= 3k
     few, plain = portfolio(Stream(), b, x_init, ident), portfolio(Stream(), b, x_init)
 
     def restarts(res: SolveResult) -> list[str]:
@@ -326,4 +326,5 @@ def test_the_default_rounds_follow_the_number_of_measurements() -> None:
                       FIRST_PHASE_SALT)  # fmt: skip
     assert_point(few.rounds[FEW_MEASUREMENT_ROUNDS], ref)
     few_r, plain_r = FEW_MEASUREMENT_ROUNDS, PORTFOLIO_ROUNDS
-    assert [portfolio_rounds(m, 1) for m in (None, 1, 2, 3)] == [plain_r, few_r, few_r, plain_r]
+    assert [portfolio_rounds(m, 1) for m in (None, 1, 3, 4)] == [plain_r, few_r, few_r, plain_r]
+    assert [portfolio_rounds(m, 20) for m in (50, 60, 61)] == [few_r, few_r, plain_r]

@@ -36,9 +36,10 @@ SURF_STEPS, FINAL_STEPS, DIRECT_STEPS, RESTARTS = 20, 1000, 2000, 4
 # lm-restarts: surfing.solvers.LM_RESTART_ROUNDS and StageRule.lm_iters
 LM_ROUNDS, LM_ITERS = 3, 40
 # surf's default schedule and its restart rounds on G_T: surfing.solvers.DEFAULT_SCHEDULE and
-# surfing.portfolio.PORTFOLIO_ROUNDS / FEW_MEASUREMENT_ROUNDS (the latter when m <= 2k; kept
-# here: the API does not import torch to admit a job)
-DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS, FEW_MEASUREMENT_ROUNDS = "portfolio", 2, 10
+# surfing.portfolio.PORTFOLIO_ROUNDS / FEW_MEASUREMENT_ROUNDS (the latter when m <= 3k:
+# FEW_MEASUREMENTS_PER_LATENT; kept here: the API does not import torch to admit a job)
+DEFAULT_SCHEDULE, PORTFOLIO_ROUNDS, FEW_MEASUREMENT_ROUNDS = "portfolio", 2, 20
+FEW_MEASUREMENTS_PER_LATENT = 3
 ADVISORY_LOCK = 0x5355_5246  # "SURF": one cluster-wide lock id for admissions
 
 _admit_lock = threading.Lock()
@@ -102,7 +103,7 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 
     surf: (checkpoints - 1) x steps + final_steps, doubled for the rescue pass every schedule
     but paper may run; with schedule portfolio (the default) plus its LM solves on G_T, as
-    lm-restarts with PORTFOLIO_ROUNDS rounds (FEW_MEASUREMENT_ROUNDS when m <= 2k); adam:
+    lm-restarts with PORTFOLIO_ROUNDS rounds (FEW_MEASUREMENT_ROUNDS when m <= 3k); adam:
     direct_steps; adam-restarts: restarts x direct_steps; hybrid: the surf pass (no rescue)
     + restarts x direct_steps; lm-restarts: (1 + restarts) solves of at most LM_ITERS
     Jacobians ((k + 1) / 2 each) and trial points (1/2 each), k = latent_dim.
@@ -134,7 +135,8 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 def portfolio_rounds(params: dict[str, Any]) -> int:
     """surfing.portfolio.portfolio_rounds from the job's params (m is set for cs jobs)."""
     m, k = params.get("m"), int(params.get("latent_dim") or 1)
-    return FEW_MEASUREMENT_ROUNDS if m is not None and int(m) <= 2 * k else PORTFOLIO_ROUNDS
+    few = m is not None and int(m) <= FEW_MEASUREMENTS_PER_LATENT * k
+    return FEW_MEASUREMENT_ROUNDS if few else PORTFOLIO_ROUNDS
 
 
 def lm_solves(params: dict[str, Any], rounds: int) -> int:
