@@ -229,7 +229,11 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         return float((res.x - x_star).norm(dim=1).median())
 
     rows: list[tuple[Row, float]] = []
-    probe(G, b, x_init, A)  # warm-up: the first call pays one-off start-up costs
+    # Warm-up: a short LM solve, then a probe. After LM's large tensors the same process runs
+    # Adam ~20 % faster (docs/performance.md, session 12); without it the baseline, always the
+    # first row, ran in a colder process than every row after it.
+    levenberg_marquardt(G, x_init, b, A, max_iters=2)
+    probe(G, b, x_init, A)
     pr = probe(G, b, x_init, A)
     t0 = time.perf_counter()
     base_res = direct(G, b, x_init, A, steps=2000, lr=args.lr)
