@@ -230,7 +230,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
 
     rows: list[tuple[Row, float]] = []
     # Warm-up: a short LM solve, then a probe. After LM's large tensors the same process runs
-    # Adam ~20 % faster (docs/performance.md, session 12); without it the baseline, always the
+    # Adam 15-30 % faster (docs/performance.md, session 12); without it the baseline, always the
     # first row, ran in a colder process than every row after it.
     levenberg_marquardt(G, x_init, b, A, max_iters=2)
     probe(G, b, x_init, A)
