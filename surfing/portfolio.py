@@ -32,13 +32,14 @@ from surfing.solvers import (
 )
 
 # LM restart rounds on G_T before the trajectory is surfed (`portfolio_rounds`). With few
-# measurements (m <= 3k) every extra round kept fitting targets: 20 rounds fitted 8-13 points
-# more than 10 at m = 2k and the surf after them added 0.3-2 points (300 trials on three
-# trainings); elsewhere rounds beyond 2 fitted as many, and an off-range image, which no round
-# fits, pays for every one of them. Measurements: docs/results.md, "Session 12".
+# measurements (m <= 3k) every extra round kept fitting targets: 20 rounds fitted 9-10 points
+# more than 10 at m = 2k and 14 more than 2 at m = 2.5k (300 trials, two trainings), and the
+# surf after them added 1-3 points; elsewhere rounds beyond 2 fitted as many, and an off-range
+# image, which no round fits, pays for every one of them. Measurements: docs/results.md,
+# "Session 12".
 PORTFOLIO_ROUNDS = 2
 FEW_MEASUREMENT_ROUNDS = 20
-FEW_MEASUREMENTS_PER_LATENT = 3  # "few": m <= 3k (2.5k still gained 11 points, 5k none)
+FEW_MEASUREMENTS_PER_LATENT = 3  # "few": m <= 3k (rounds gained 14 points at 2.5k, none at 5k)
 PORTFOLIO_SURF = "lm-stride"  # how the still-unfitted targets surf (with its rescue pass)
 # Salts the first phase's restart draws so they differ from the rescue's (surf uses salt 0):
 # a target the restarts could not fit then surfs from starts it has not tried yet.
