@@ -119,8 +119,9 @@ class SolveOptions(BaseModel):
         ge=1,
         le=256,
         description="Random starts for adam-restarts and hybrid (default 4); restart rounds "
-        "after the first solve for lm-restarts (default 3). Not for surf: its portfolio "
-        "schedule runs 2 restart rounds (20 when m <= 3k).",
+        "after the first solve for lm-restarts (default 3) and for surf with schedule "
+        "portfolio, before the trajectory (default 2, 20 when m <= 3k: an off-range image "
+        "takes every round, so fewer keep it cheap); not for surf's other schedules.",
     )
     seed: int = Field(0, ge=0, le=2**62, description="Seed of x_init (and of restarts).")
     x_init: list[float] | list[list[float]] | None = Field(
@@ -134,6 +135,12 @@ class SolveOptions(BaseModel):
         for name in ("schedule", "rescue"):
             if getattr(self, name) is not None and self.method != "surf":
                 raise ValueError(f"{name} applies to method 'surf' only, not {self.method!r}")
+        if self.method == "surf" and self.restarts is not None and self.schedule not in (
+            None, "portfolio"
+        ):
+            raise ValueError(
+                f"restarts applies to surf's schedule 'portfolio' only, not {self.schedule!r}"
+            )
         return self
 
 

@@ -395,12 +395,14 @@ def surf(
     rule: StageRule | None = None,
     graphs: bool = False,
     prior: str = "uniform",
+    rounds: int | None = None,
 ) -> SolveResult:
     """Algorithm 3.1: descend each f_t warm-started from x_{t-1}, ending on the final network.
 
     schedule "portfolio" (default): not a pass over the trajectory first, but Levenberg–Marquardt
     with restarts on the final network, then "lm-stride" surfing only for the targets that did
-    not fit (surfing.portfolio; needs a list or a stream with `final()`). "paper": exactly
+    not fit (surfing.portfolio; needs a list or a stream with `final()`; `rounds`: its restart
+    rounds, None = portfolio_rounds of the operator; other schedules refuse it). "paper": exactly
     `steps` Adam steps per stage (fewer if every gradient norm is below `tol`) and
     `final_steps` on the last network -- the paper's method, kept as the reference. "auto":
     the default until issue 16, "lm-stride", or "paper" when m <= 2k (see resolve_schedule).
@@ -438,8 +440,11 @@ def surf(
         from surfing.portfolio import portfolio  # it surfs through this function in turn
 
         return portfolio(
-            stages, b, x_init, A, steps, lr, tol, final_steps, progress, total, rule, graphs, prior
-        )
+            stages, b, x_init, A, steps, lr, tol, final_steps, progress, total, rule, graphs, prior,
+            rounds,
+        )  # fmt: skip
+    if rounds is not None:
+        raise ValueError(f"rounds applies to schedule 'portfolio' only, not {schedule!r}")
     if tol is not None:
         rule = replace(rule, gtol=tol)  # a gradient-norm tolerance ends adaptive stages too
     if total is None and hasattr(stages, "__len__"):

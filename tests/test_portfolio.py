@@ -325,6 +325,10 @@ def test_the_default_rounds_follow_the_number_of_measurements() -> None:
     ref = lm_restarts(TwoBasins(), b, x_init, ident, FEW_MEASUREMENT_ROUNDS, MISS_RTOL,
                       FIRST_PHASE_SALT)  # fmt: skip
     assert_point(few.rounds[FEW_MEASUREMENT_ROUNDS], ref)
+    one = surf(Stream(), b, x_init, ident, rounds=1)  # a caller's round count wins
+    assert restarts(one) == ["restart 1"]
+    with pytest.raises(ValueError, match="portfolio"):
+        surf(Stream(), b, x_init, ident, schedule="lm-stride", rounds=1)
     few_r, plain_r = FEW_MEASUREMENT_ROUNDS, PORTFOLIO_ROUNDS
     assert [portfolio_rounds(m, 1) for m in (None, 1, 3, 4)] == [plain_r, few_r, few_r, plain_r]
     assert [portfolio_rounds(m, 20) for m in (50, 60, 61)] == [few_r, few_r, plain_r]

@@ -74,6 +74,23 @@ def test_progress_shows_the_passes_on_g_t_then_the_surf_and_its_rescue(
     assert fitted[-1]["final"]["pass"] == "final"
 
 
+def test_a_request_sets_the_rounds_on_g_t_with_restarts(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`restarts` is the portfolio's round count: with 1, the worker runs one restart round on
+    G_T before the surf (an off-range image no longer pays for the default's rounds)."""
+    n = n_ckpt(env)
+    rows = _recorded(env, monkeypatch, method="surf", restarts=1, **STEPS)  # FLAT: never fitted
+    assert _passes(rows) == [("final", None, 1), ("restart", 1, 1), ("surf", None, n),
+                             ("rescue", 1, n)]  # fmt: skip
+    params = {"latent_dim": 2, "stages": n}
+    default = admission.estimate_evals("surf", params, 1)
+    one = admission.estimate_evals("surf", {**params, "restarts": 1}, 1)
+    assert default - one == (PORTFOLIO_ROUNDS - 1) * admission.LM_ITERS * (2 + 2) // 2  # k = 2
+    with pytest.raises(ValueError, match="schedule 'portfolio' only"):
+        SolveOptions.model_validate({"method": "surf", "schedule": "paper", "restarts": 1})
+
+
 def test_the_worker_runs_the_solver_from_the_streams_final_network(env: dict[str, Any]) -> None:
     jid = job(env, FLAT, seed=3)
     wj.run_job(jid, env["settings"])

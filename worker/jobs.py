@@ -196,6 +196,8 @@ def _solve(
         stages = Hooked(generators(store, model_id, stride=stride, device=device), tracker)
         if job.method == "surf":
             rule = StageRule(rescue_rtol=None) if params.get("rescue") is False else None
+            given = params.get("restarts")  # the portfolio's rounds (the schema allows no other)
+            rounds = None if given is None else int(given)
             return surf(
                 stages,
                 b,
@@ -205,6 +207,7 @@ def _solve(
                 graphs=graphs,
                 rule=rule,
                 prior=job.prior,
+                rounds=rounds,
                 **_opts(params, "steps", "final_steps", "schedule"),
                 **lr_tol,
             )

@@ -103,7 +103,8 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 
     surf: (checkpoints - 1) x steps + final_steps, doubled for the rescue pass every schedule
     but paper may run; with schedule portfolio (the default) plus its LM solves on G_T, as
-    lm-restarts with PORTFOLIO_ROUNDS rounds (FEW_MEASUREMENT_ROUNDS when m <= 3k); adam:
+    lm-restarts with `restarts` rounds, by default PORTFOLIO_ROUNDS (FEW_MEASUREMENT_ROUNDS when
+    m <= 3k); adam:
     direct_steps; adam-restarts: restarts x direct_steps; hybrid: the surf pass (no rescue)
     + restarts x direct_steps; lm-restarts: (1 + restarts) solves of at most LM_ITERS
     Jacobians ((k + 1) / 2 each) and trial points (1/2 each), k = latent_dim.
@@ -133,7 +134,10 @@ def estimate_evals(method: str, params: dict[str, Any], n_targets: int) -> int:
 
 
 def portfolio_rounds(params: dict[str, Any]) -> int:
-    """surfing.portfolio.portfolio_rounds from the job's params (m is set for cs jobs)."""
+    """The request's `restarts`, else surfing.portfolio.portfolio_rounds from the job's params
+    (m is set for cs jobs)."""
+    if params.get("restarts") is not None:
+        return int(params["restarts"])
     m, k = params.get("m"), int(params.get("latent_dim") or 1)
     few = m is not None and int(m) <= FEW_MEASUREMENTS_PER_LATENT * k
     return FEW_MEASUREMENT_ROUNDS if few else PORTFOLIO_ROUNDS
