@@ -12,25 +12,19 @@ steps, and after a 2-iteration LM solve. Not a timed test; e.g.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from surf_bench import PROBE_STEPS, probe
 
 from models_store import ModelStore, default_store_root
 from surfing.lm import levenberg_marquardt
 from surfing.solvers import direct, uniform_latents
 from surfing.trajectory import final_generator
 
-PROBE_STEPS = 60  # as surf_bench's probe
 
-
-def probe(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        direct(G, b, x, steps=PROBE_STEPS)
-        times.append(round(time.perf_counter() - t0, 2))
-    return times
+def probes(G: torch.nn.Module, b: torch.Tensor, x: torch.Tensor, n: int) -> list[float]:
+    """n of surf_bench's probes in a row, in seconds."""
+    return [round(probe(G, b, x, None), 2) for _ in range(n)]
 
 
 def main() -> None:
@@ -49,11 +43,11 @@ def main() -> None:
         b = G(x_star).flatten(1)
     print(f"{args.model}, {args.targets} targets, A = I, {args.threads} threads: "
           f"{PROBE_STEPS}-step direct-Adam probe, seconds")  # fmt: skip
-    print("fresh process:           ", probe(G, b, x_init, args.repeat))
+    print("fresh process:           ", probes(G, b, x_init, args.repeat))
     direct(G, b, x_init, steps=300)
-    print("after 300 Adam steps:    ", probe(G, b, x_init, args.repeat))
+    print("after 300 Adam steps:    ", probes(G, b, x_init, args.repeat))
     levenberg_marquardt(G, x_init, b, None, max_iters=2)
-    print("after a 2-iteration LM:  ", probe(G, b, x_init, args.repeat))
+    print("after a 2-iteration LM:  ", probes(G, b, x_init, args.repeat))
 
 
 if __name__ == "__main__":
