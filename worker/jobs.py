@@ -40,6 +40,7 @@ from surfing.architectures import get_factory
 from surfing.latents import sample_latents
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
+    DEFAULT_SCHEDULE,
     LM_RESTART_ROUNDS,
     SolveResult,
     StageRule,
@@ -196,8 +197,11 @@ def _solve(
         stages = Hooked(generators(store, model_id, stride=stride, device=device), tracker)
         if job.method == "surf":
             rule = StageRule(rescue_rtol=None) if params.get("rescue") is False else None
-            given = params.get("restarts")  # the portfolio's rounds (the schema allows no other)
-            rounds = None if given is None else int(given)
+            # `restarts` are the portfolio's rounds; a job queued before the API refused them
+            # with another schedule (where they were ignored) still runs, ignoring them
+            given = params.get("restarts")
+            on_portfolio = (params.get("schedule") or DEFAULT_SCHEDULE) == "portfolio"
+            rounds = int(given) if given is not None and on_portfolio else None
             return surf(
                 stages,
                 b,
