@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.models import Job
 from app.schemas import SolveOptions
 from app.services import admission
 from app.services.jobs import create_invert_job
@@ -89,6 +90,21 @@ def test_a_request_sets_the_rounds_on_g_t_with_restarts(
     assert default - one == (PORTFOLIO_ROUNDS - 1) * admission.LM_ITERS * (2 + 2) // 2  # k = 2
     with pytest.raises(ValueError, match="schedule 'portfolio' only"):
         SolveOptions.model_validate({"method": "surf", "schedule": "paper", "restarts": 1})
+
+
+def test_a_queued_job_with_restarts_and_another_schedule_still_runs(env: dict[str, Any]) -> None:
+    """Before the API refused `restarts` with surf's other schedules it ignored them; a job
+    queued then (params written directly here) runs with its schedule and no rounds."""
+    job_id = job(env, FLAT, schedule="auto")
+    with env["sessions"]() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.params = {**row.params, "restarts": 3}
+        s.commit()
+    wj.run_job(job_id, env["settings"])
+    done, result = outcome(env, job_id)
+    assert done.status == "succeeded", done.error
+    assert result is not None
 
 
 def test_the_worker_runs_the_solver_from_the_streams_final_network(env: dict[str, Any]) -> None:
