@@ -139,22 +139,25 @@ class Row:
 PROBE_STEPS = 60
 
 
-def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
+def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool, int | None]:
     """'schedule[:field=value,...]' -> (schedule, StageRule with those fields overridden,
-    whether to use CUDA graphs: the pseudo-field `graphs`)."""
+    whether to use CUDA graphs: the pseudo-field `graphs`, the stream's reader threads: the
+    pseudo-field `readers`, 0 = read each checkpoint in the solver's thread when due, None =
+    surfing.trajectory.Generators' default)."""
     name, _, opts = spec.partition(":")
     types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
     types["rescue_rtol"] = float  # optional: "none" turns the rescue off
     types["head_steps"] = int  # optional: "none" = the call's steps
     types["latent_radius"] = float  # optional: "none" = unbounded
     changes: dict[str, object] = {}
-    graphs = False
+    graphs, readers = False, None
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key == "graphs":
             graphs = value.lower() in ("1", "true", "yes")
             continue
-        if key == "readers":  # see variant_readers
+        if key == "readers":
+            readers = int(value)
             continue
         if key not in types:
             raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
@@ -165,17 +168,7 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool]:
             changes[key] = value.lower() in ("1", "true", "yes")
         else:
             changes[key] = kind(value)
-    return name, dataclasses.replace(base, **changes), graphs
-
-
-def variant_readers(spec: str) -> int | None:
-    """The pseudo-field `readers` of a variant: the stream's reader threads, 0 = read each
-    checkpoint in the solver's thread when due (None: surfing.trajectory.Generators' default)."""
-    for item in spec.partition(":")[2].split(","):
-        key, _, value = item.partition("=")
-        if key == "readers":
-            return int(value)
-    return None
+    return name, dataclasses.replace(base, **changes), graphs, readers
 
 
 def action_shares(res: SolveResult) -> str:
@@ -283,11 +276,10 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             if model_id != args.model and variant not in args.compressed_variants:
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
-            schedule, rule, graphs = parse_variant(variant, base_rule)
+            schedule, rule, graphs, readers = parse_variant(variant, base_rule)
             # a fresh store per row, as a new process: it hashes every file it reads once,
             # except files sealed by an earlier verification (--no-seals: every file)
             fresh = ModelStore(store.root, seals=not args.no_seals)
-            readers = variant_readers(variant)
             stages = TimedStages(Generators(fresh, model_id, args.stride, dev, readers))
             pr = probe(G, b, x_init, A)
             t0 = time.perf_counter()
