@@ -270,11 +270,28 @@ def test_d_readyz_drops_a_killed_worker_within_the_ttl(stack: Stack) -> None:
             rq_still_registered=still_in_rq)
 
 
+def _steps_for_a_pass_of(stack: Stack, seconds: float, **options: Any) -> int:
+    """Adam steps that keep a warm worker busy about `seconds`: a fixed count ran a pass in
+    well under the kill loop's 0.3 s on a fast CI machine, so there was nothing left to kill."""
+    probe, took = 200, []
+    for i in range(4):  # one at a time; the first pass on each fresh worker pays its start-up
+        jid = stack.submit(seed=1000 + i, direct_steps=probe, **options)
+        row = stack.wait_all([jid], timeout=60)[jid]
+        assert row.status == "succeeded" and row.started_at and row.finished_at
+        took.append((row.finished_at - row.started_at).total_seconds())
+    return max(probe, round(probe * seconds / max(min(took), 1e-3)))
+
+
 def test_c_workers_killed_mid_job_again_and_again(stack: Stack) -> None:
     kills_wanted, spawn = 10, 2
     for pid in stack.live_workers():  # start from a known pool
         stack.kill_worker(pid)
-    long = {"direct_steps": 400, "lr": 1e-4}  # ~1 s a pass on the tiny model
+    for _ in range(spawn):
+        stack.start_worker()
+    steps = _steps_for_a_pass_of(stack, 1.0, lr=1e-4)
+    long = {"direct_steps": steps, "lr": 1e-4}
+    for pid in stack.live_workers():  # warm workers must not take the batch one job at a time
+        stack.kill_worker(pid)
     ids = [stack.submit(seed=i, **long) for i in range(8)]
     for _ in range(spawn):
         stack.start_worker()
@@ -310,7 +327,10 @@ def test_c_workers_killed_mid_job_again_and_again(stack: Stack) -> None:
                     stack.start_worker()
                     break
         if not running and all(r.status in TERMINAL for r in stack.jobs(ids).values()):
-            break  # everything settled before we got all our kills in
+            if len(ids) >= 40:
+                break  # everything settled before we got all our kills in
+            # A fast machine can finish a batch between kills: queue more rather than stop short.
+            ids += [stack.submit(seed=200 + len(ids) + i, **long) for i in range(8)]
         time.sleep(0.1)
     kill_phase = time.monotonic() - t0
     rows = stack.wait_all(ids, timeout=60)
@@ -334,6 +354,7 @@ def test_c_workers_killed_mid_job_again_and_again(stack: Stack) -> None:
     _report(
         "worker_sigkill",
         jobs=len(ids),
+        steps_per_job=steps,
         kills=len(killed),
         killed_pass_sizes=sorted(len(p) for p in killed),
         killed_retry_passes=sum(1 for p in killed if any(a > 1 for _, a in p)),
