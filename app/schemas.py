@@ -38,8 +38,10 @@ class SolveOptions(BaseModel):
     method: Method = Field(
         "surf",
         description="surf (by default schedule portfolio: Levenberg-Marquardt on the final "
-        "network from x_init, then up to 2 rounds (20 when m <= 3k) of fresh starts drawn from "
-        "the model's latent prior for the targets whose relative residual "
+        "network from x_init (a target not yet fitted stops once two accepted steps in a row "
+        "each lowered its objective by less than 1 %), then up to 2 rounds (20 when m <= 3k) "
+        "of fresh starts drawn from the model's latent prior for the targets whose relative "
+        "residual "
         "||A G(x) - b||^2 / ||b||^2 is above 1e-5; then, only for the targets still not "
         "fitted, a surf of the trajectory (every "
         "recorded checkpoint in training order, each stage warm-started from the last, as "
@@ -50,29 +52,29 @@ class SolveOptions(BaseModel):
         "ways of surfing: `schedule`), adam (direct descent on the final "
         "network), adam-restarts (best of `restarts` direct descents), hybrid (surf plus "
         "restarts, lowest objective kept), lm-restarts (Levenberg-Marquardt on the final "
-        "network only, from x_init; then up to `restarts` rounds (default 3) of fresh starts "
-        "drawn from the model's latent prior for the targets whose relative residual is "
-        "still above 1e-5, each target keeping its lowest objective; uses `restarts` and "
-        "`seed`, never the trajectory).",
+        "network only, from x_init, stopping as in portfolio; then up to `restarts` rounds "
+        "(default 3) of fresh starts drawn from the model's latent prior for the targets "
+        "whose relative residual is still above 1e-5, each target keeping its lowest "
+        "objective; uses `restarts` and `seed`, never the trajectory).",
     )
     schedule: Schedule | None = Field(
         None,
         description="How method=surf runs (surfing.solvers). portfolio (default): "
-        "Levenberg-Marquardt on the final network from x_init, then up to 2 rounds (20 when "
-        "m <= 3k) of fresh prior draws for the targets with relative residual above 1e-5 (as "
-        "lm-restarts), then, for the targets still not fitted, a surf of the trajectory with "
-        "lm-stride and its one "
-        "rescue round; each target keeps its lowest objective; the trajectory is read only "
-        "when some target needs it. The others surf every target from x_init, and every one "
-        "but paper starts with the paper's Adam stage on the first checkpoint and re-surfs "
-        "unfitted targets once (`rescue`): auto (lm-stride, or paper when m <= 2k; the "
-        "default before portfolio), adaptive (Adam stages that stop per target when the "
-        "objective stalls, Levenberg-Marquardt on the final network), adaptive-adam (the "
-        "same with Adam at the end), lm (Levenberg-Marquardt on every stage), lm-stride (one "
-        "LM step per checkpoint, skipping checkpoints where a target's predicted step is tiny "
-        "and reusing Jacobians across checkpoints; LM to convergence on the final network; "
-        "latents within 5 sqrt(k)), paper (exactly `steps` Adam steps per stage and "
-        "`final_steps` at the end, Algorithm 3.1 as published).",
+        "Levenberg-Marquardt on the final network from x_init (a target not yet fitted stops "
+        "once two accepted steps in a row each lowered its objective by less than 1 %), then up"
+        " to 2 rounds (20 when m <= 3k) of fresh prior draws for the targets with relative "
+        "residual above 1e-5 (as lm-restarts), then, for the targets still not fitted, a surf "
+        "of the trajectory with lm-stride and its one rescue round; each target keeps its "
+        "lowest objective; the trajectory is read only when some target needs it. The others "
+        "surf every target from x_init, and every one but paper starts with the paper's Adam "
+        "stage on the first checkpoint and re-surfs unfitted targets once (`rescue`): auto (lm-"
+        "stride, or paper when m <= 2k; the default before portfolio), adaptive (Adam stages "
+        "that stop per target when the objective stalls, Levenberg-Marquardt on the final "
+        "network), adaptive-adam (the same with Adam at the end), lm (Levenberg-Marquardt on "
+        "every stage), lm-stride (one LM step per checkpoint, skipping checkpoints where a "
+        "target's predicted step is tiny and reusing Jacobians across checkpoints; LM to "
+        "convergence on the final network; latents within 5 sqrt(k)), paper (exactly `steps` "
+        "Adam steps per stage and `final_steps` at the end, Algorithm 3.1 as published).",
     )
     rescue: bool | None = Field(
         None,

@@ -130,6 +130,8 @@ def levenberg_marquardt(
     lam: float = 1e-3,
     max_accepts: int | None = None,
     radius: float | None = None,
+    stall: float = 0.0,
+    stall_above: torch.Tensor | None = None,
 ) -> LMResult:
     """Minimise 1/2||A G(x) - b||^2 per target by damped Gauss–Newton from x.
 
@@ -139,6 +141,9 @@ def levenberg_marquardt(
     `max_iters` trial steps, or (with `max_accepts`) after that many accepted steps -- one
     surfing stage takes a single accepted step, retrying a rejected one with more damping on
     the same Jacobian. Trial points are kept in the ball ||x|| <= `radius` (`into_ball`).
+    With `stall` > 0, a target whose f is still above `stall_above` (per target) also stops
+    after two accepted steps in a row that each lowered f by less than the fraction `stall`:
+    it is creeping down a basin that does not fit it, which a restart leaves anyway.
     Cost is reported in forward+backward equivalents (a forward pass
     counts 1/2): a Jacobian is one primal plus k tangent passes, (1 + k)/2; a trial point 1/2.
     The residual at the start comes from the first Jacobian's primal pass.
@@ -167,6 +172,7 @@ def levenberg_marquardt(
     f = 0.5 * r.pow(2).sum(1)
     active &= f >= ftol
     accepts = torch.zeros(B, dtype=torch.long, device=x.device)
+    slow = torch.zeros(B, dtype=torch.long, device=x.device)  # accepted slow steps in a row
     for _ in range(max_iters):
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -188,11 +194,15 @@ def levenberg_marquardt(
         f_try = 0.5 * r_try.pow(2).sum(1)
         ok = f_try < f[idx]
         acc = idx[ok]
+        if stall > 0 and stall_above is not None:
+            crept = f_try[ok] > (1 - stall) * f[acc]
+            slow[acc] = torch.where(crept & (f_try[ok] > stall_above[acc]), slow[acc] + 1, 0)
         x[acc], r[acc], f[acc] = x_try[ok], r_try[ok], f_try[ok]
         stale[acc] = True
         lam_t[idx] = torch.where(ok, lam_t[idx] / 3, lam_t[idx] * 4).clamp(1e-12, 1e12)
         small = step.norm(dim=1) < xtol
         done = (ok & small) | (f[idx] < ftol) | (~ok & small & (lam_t[idx] > 1e6))
+        done |= slow[idx] >= 2
         if max_accepts is not None:
             accepts[acc] += 1
             done |= accepts[idx] >= max_accepts

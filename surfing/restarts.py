@@ -173,9 +173,9 @@ def lm_restarts(
     `restart_latents(x_init, r, prior, seed)`, so its path does not depend on its batch; the
     restart replaces the target's result only if its objective is lower by RESCUE_MARGIN (never
     raises one, and float noise between two runs into one minimum cannot pick). LM uses
-    `rule`'s lm_iters, lm_xtol and latent radius. The trace holds one stage per pass: "final"
-    (the first LM), then "restart" r with `moved` set to the targets restarted; `index`/`step`
-    name G's checkpoint there (-1: unknown).
+    `rule`'s lm_iters, lm_xtol, lm_stall (judged against `rtol`) and latent radius. The trace
+    holds one stage per pass: "final" (the first LM), then "restart" r with `moved` set to the
+    targets restarted; `index`/`step` name G's checkpoint there (-1: unknown).
     """
     check_prior(prior)
     if rounds < 0:
@@ -184,9 +184,10 @@ def lm_restarts(
     trace: list[StageTrace] = []
 
     def solve(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fitted_f = 0.5 * rtol * target.pow(2).sum(dim=1)  # not_fitted's line, as an objective
         lm = levenberg_marquardt(
             G, x, target, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol,
-            radius=rule.radius(x.shape[1]),
+            radius=rule.radius(x.shape[1]), stall=rule.lm_stall, stall_above=fitted_f,
         )
         return lm.x, lm.objective, lm.evals.cpu().double()
 

@@ -27,6 +27,7 @@ from surfing.lm import LMResult, levenberg_marquardt
 from surfing.measure import gaussian_matrix
 from surfing.solvers import (
     LM_RESTART_ROUNDS,
+    MISS_RTOL,
     RESCUE_MARGIN,
     StageRule,
     lm_restarts,
@@ -51,10 +52,12 @@ def two_basins(n: int = 24) -> tuple[TwoBasins, torch.Tensor, torch.Tensor]:
 
 
 def plain_lm(G: torch.nn.Module, x: torch.Tensor, b: torch.Tensor, A=None) -> LMResult:
-    """LM as lm_restarts runs it (StageRule's iterations, tolerance and latent radius)."""
+    """LM as lm_restarts runs it (StageRule's iterations, tolerance, latent radius and stall
+    stop against lm_restarts' default miss test)."""
     rule = StageRule()
     return levenberg_marquardt(
-        G, x, b, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol, radius=rule.radius(x.shape[1])
+        G, x, b, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol, radius=rule.radius(x.shape[1]),
+        stall=rule.lm_stall, stall_above=0.5 * MISS_RTOL * b.pow(2).sum(dim=1),
     )
 
 

@@ -48,7 +48,8 @@ from surfing.trajectory import final_generator, generators
 
 HELP = "Issue 16: surfing vs. LM with restarts, success against evaluations per target"
 COMMAND_KEYS = ("models", "m", "trials", "rounds", "strides", "rescue_rounds",
-                "portfolio_rounds", "miss_rtol", "paper", "adam", "real", "seed")  # fmt: skip
+                "portfolio_rounds", "miss_rtol", "lm_stall", "paper", "adam", "real",
+                "seed")  # fmt: skip
 FAMILIES = ("lm-restarts", "lm-stride", "portfolio")
 # The miss test of every row without a "miss=" tag (sessions 8-11, before MISS_RTOL became 1e-5).
 UNTAGGED_MISS = 1e-4
@@ -70,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the miss test's threshold on ||r||^2/||b||^2 for every method (default "
                    f"the solvers' {MISS_RTOL:g}); method names say it unless it is "
                    f"{UNTAGGED_MISS:g}")  # fmt: skip
+    p.add_argument("--lm-stall", type=float, default=StageRule.lm_stall,
+                   help="StageRule.lm_stall for lm-restarts and the portfolio (default "
+                   f"{StageRule.lm_stall:g}); method names say it unless it is 0")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="add the paper's surfing (slow)")
     p.add_argument("--adam", action="store_true", help="add 2,000-step Adam on G_T (slow)")
     p.add_argument("--real", type=int, default=0,
@@ -99,17 +103,19 @@ def solvers(args: argparse.Namespace, store, model_id: str, G, A, prior: str) ->
     miss = MISS_RTOL if args.miss_rtol is None else args.miss_rtol
     tag = "" if miss == UNTAGGED_MISS else f" miss={miss:g}"
     rule = StageRule(rescue_rounds=args.rescue_rounds, rescue_rtol=miss)
+    stall = StageRule(lm_stall=args.lm_stall)  # the restart phases' LM
+    stall_tag = tag + ("" if args.lm_stall == 0 else f" stall={args.lm_stall:g}")
     out: dict[str, Solver] = {} if "lm-restarts" not in args.methods else {
-        f"lm-restarts{tag}": lambda b, x0: lm_restarts(G, b, x0, A, rounds=args.rounds,
-                                                       rtol=miss, seed=args.seed, prior=prior),
+        f"lm-restarts{stall_tag}": lambda b, x0: lm_restarts(
+            G, b, x0, A, rounds=args.rounds, rtol=miss, seed=args.seed, prior=prior, rule=stall),
     }  # fmt: skip
     for s in args.strides if "lm-stride" in args.methods else []:
         out[f"lm-stride s={s}{tag}"] = surfer(s, "lm-stride", rule=rule)
     stages = generators(store, model_id, 1, args.device)
     for p in args.portfolio_rounds if "portfolio" in args.methods else []:
-        out[f"portfolio p={p}{tag}"] = lambda b, x0, p=p: portfolio(
+        out[f"portfolio p={p}{stall_tag}"] = lambda b, x0, p=p: portfolio(
             stages, b, x0, A, args.steps, args.lr, None, args.final_steps, prior=prior,
-            rule=StageRule(rescue_rtol=miss), rounds=p,
+            rule=StageRule(rescue_rtol=miss, lm_stall=args.lm_stall), rounds=p,
         )
     if args.paper:
         out["paper"] = surfer(1, "paper")
