@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from recovery import recovery
 
-from models_store import ModelStore, default_store_root
-from surfing.experiments.sensing import measurement_matrix
-from surfing.latents import sample_latents
 from surfing.lm import levenberg_marquardt
 from surfing.solvers import StageRule, not_fitted
-from surfing.trajectory import final_generator
 
 
 def main() -> None:
@@ -35,17 +32,8 @@ def main() -> None:
     p.add_argument("--stalls", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    store = ModelStore(args.models_dir or default_store_root())
-    manifest = store.manifest(args.model)
-    k, prior = manifest.latent_dim, manifest.latent_prior
-    G = final_generator(store, args.model)
-    x_star = sample_latents(args.trials, k, args.seed, prior)
-    x_init = sample_latents(args.trials, k, args.seed + 1, prior)
-    cpu = torch.device("cpu")
-    A = measurement_matrix(args.seed, args.m, manifest.n_pixels, cpu) if args.m else None
-    with torch.no_grad():
-        y = G(x_star).flatten(1)
-    b = y if A is None else y @ A.T
+    job = recovery(args.model, args.models_dir, args.m, args.trials, args.seed)
+    G, x_init, A, b, k = job.G, job.x_init, job.A, job.b, job.latent_dim
     rule = StageRule()
     line = 0.5 * args.rtol * b.pow(2).sum(dim=1)  # not_fitted's threshold as an objective
 

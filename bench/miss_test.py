@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from recovery import recovery
 
-from models_store import ModelStore, default_store_root
-from surfing.experiments.sensing import measurement_matrix
-from surfing.latents import sample_latents
 from surfing.portfolio import FIRST_PHASE_SALT, PORTFOLIO_ROUNDS
 from surfing.restarts import lm_restarts
 from surfing.solvers import StageRule
-from surfing.trajectory import final_generator
 
 
 def main() -> None:
@@ -41,17 +38,8 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    store = ModelStore(args.models_dir or default_store_root())
-    manifest = store.manifest(args.model)
-    k, prior = manifest.latent_dim, manifest.latent_prior
-    G = final_generator(store, args.model)
-    x_star = sample_latents(args.trials, k, args.seed, prior)
-    x_init = sample_latents(args.trials, k, args.seed + 1, prior)
-    cpu = torch.device("cpu")
-    A = measurement_matrix(args.seed, args.m, manifest.n_pixels, cpu) if args.m else None
-    with torch.no_grad():
-        y = G(x_star).flatten(1)
-    b = y if A is None else y @ A.T
+    job = recovery(args.model, args.models_dir, args.m, args.trials, args.seed)
+    G, x_star, x_init, A, b, prior = job.G, job.x_star, job.x_init, job.A, job.b, job.prior
     res = lm_restarts(G, b, x_init, A, PORTFOLIO_ROUNDS, seed=FIRST_PHASE_SALT, prior=prior)
     rel = 2 * res.objective / b.pow(2).sum(dim=1)
     dist = (res.x - x_star).norm(dim=1)

@@ -294,7 +294,7 @@ def test_strongest_reads_curves_off_one_run(
     out = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0", "2k",
                   "--trials", "6", "--rounds", "3", "--strides", "1", "2",
                   "--rescue-rounds", "1", "--portfolio-rounds", "0", "1", "--adam",
-                  "--miss-rtol", "1e-4", *TINY)  # 1e-4: the method names carry no tag
+                  "--miss-rtol", "1e-4", "--lm-stall", "0", *TINY)  # the names carry no tag
     rows = out["rows"]  # type: ignore[index]
     assert {r["setting"] for r in rows} == {"A = I", "m = 4"}
     for setting in ("A = I", "m = 4"):
@@ -320,7 +320,8 @@ def test_strongest_reads_curves_off_one_run(
     monkeypatch.setattr(fig4, "load_fashion_mnist", lambda split, d=None: (fake, None))
     again = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0",
                     "--trials", "4", "--rounds", "1", "--strides", "1", "--portfolio-rounds",
-                    "0", "--real", "3", "--merge", "--miss-rtol", "1e-4", *TINY)
+                    "0", "--real", "3", "--merge", "--miss-rtol", "1e-4", "--lm-stall", "0",
+                    *TINY)  # fmt: skip
     real = again["real"]  # type: ignore[index]
     assert [r["method"] for r in real] == ["lm-restarts", "lm-stride s=1", "portfolio p=0"]
     assert all(0 <= r["median pixel error"] <= 1 and r["images"] == 3 for r in real)
@@ -360,12 +361,14 @@ def test_strongest_miss_rtol_is_the_test_every_method_uses(
 ) -> None:
     """--miss-rtol sets the miss test of lm-restarts and the portfolio (the method names say
     so): at 1 every target counts as fitted, so no restart round and no surf runs; at 0 none
-    does (a float residual is never exactly 0), so every round runs."""
+    does (a float residual is never exactly 0), so every round runs. The names of the methods
+    that restart also say the stall stop, which is on by default (rows from before: off)."""
+    st = " stall=0.01"
     plain = run_cli("strongest", store, tmp_path, "--models", "tiny-k2", "--m", "0",
                     "--trials", "2", "--rounds", "1", "--strides", "1", "--portfolio-rounds",
                     "1", *TINY)  # the default threshold, 1e-5: rows from before had 1e-4
     assert {r["method"] for r in plain["rows"]} == {  # type: ignore[index]
-        "lm-restarts miss=1e-05", "lm-stride s=1 miss=1e-05", "portfolio p=1 miss=1e-05"
+        f"lm-restarts miss=1e-05{st}", "lm-stride s=1 miss=1e-05", f"portfolio p=1 miss=1e-05{st}"
     }
     common = ["--models", "tiny-k2", "--m", "0", "--trials", "4", "--rounds", "2",
               "--strides", "1", "--rescue-rounds", "1", "--portfolio-rounds", "1", *TINY]
@@ -374,11 +377,12 @@ def test_strongest_miss_rtol_is_the_test_every_method_uses(
         out = run_cli("strongest", store, tmp_path, *common, "--miss-rtol", rtol)
         rows = out["rows"]  # type: ignore[index]
         assert {r["method"] for r in rows} == {
-            f"lm-restarts miss={rtol}", f"lm-stride s=1 miss={rtol}", f"portfolio p=1 miss={rtol}"
+            f"lm-restarts miss={rtol}{st}", f"lm-stride s=1 miss={rtol}",
+            f"portfolio p=1 miss={rtol}{st}",
         }
-        lm = [r["after"] for r in rows if r["method"] == f"lm-restarts miss={rtol}"]
+        lm = [r["after"] for r in rows if r["method"] == f"lm-restarts miss={rtol}{st}"]
         assert lm == lm_after
-        portfolio = [r["after"] for r in rows if r["method"] == f"portfolio p=1 miss={rtol}"]
+        portfolio = [r["after"] for r in rows if r["method"] == f"portfolio p=1 miss={rtol}{st}"]
         if portfolio_last is not None:
             assert portfolio == [portfolio_last]
         else:  # its round, then the surf and the rescue of every target
