@@ -17,7 +17,7 @@ import torch
 from recovery import recovery
 
 from surfing.lm import levenberg_marquardt
-from surfing.solvers import StageRule, not_fitted
+from surfing.solvers import StageRule, fit_line, not_fitted
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     job = recovery(args.model, args.models_dir, args.m, args.trials, args.seed)
     G, x_init, A, b, k = job.G, job.x_init, job.A, job.b, job.latent_dim
     rule = StageRule()
-    line = 0.5 * args.rtol * b.pow(2).sum(dim=1)  # not_fitted's threshold as an objective
+    line = fit_line(b, args.rtol)
 
     def solve(stall: float):  # as lm_restarts runs it
         return levenberg_marquardt(

@@ -21,6 +21,7 @@ from surfing.solvers import (
     Stage,
     StageRule,
     adam_descent,
+    fit_line,
     not_fitted,
     restart_latents,
     surf,
@@ -184,10 +185,10 @@ def lm_restarts(
     trace: list[StageTrace] = []
 
     def solve(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        fitted_f = 0.5 * rtol * target.pow(2).sum(dim=1)  # not_fitted's line, as an objective
         lm = levenberg_marquardt(
             G, x, target, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol,
-            radius=rule.radius(x.shape[1]), stall=rule.lm_stall, stall_above=fitted_f,
+            radius=rule.radius(x.shape[1]), stall=rule.lm_stall,
+            stall_above=fit_line(target, rtol),
         )
         return lm.x, lm.objective, lm.evals.cpu().double()
 

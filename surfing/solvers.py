@@ -301,14 +301,19 @@ def restart_latents(
     return out.to(x_init)
 
 
+def fit_line(b: torch.Tensor, rtol: float) -> torch.Tensor:
+    """(B,) the objective f = 1/2 ||A G(x) - b||^2 at which `not_fitted` flips: rtol ||b||^2 / 2
+    (LM's stall stop judges "not yet fitted" against the same line)."""
+    return 0.5 * rtol * b.pow(2).sum(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
+
+
 def not_fitted(f: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor:
     """(B,) bool: ||A G(x) - b||^2 > rtol ||b||^2, i.e. the latent does not reproduce its target.
 
     When the target lies on the range of G (the paper's exact-recovery setting) the global
     optimum fits it exactly, so a clearly positive residual marks a target stuck in another
     basin; non-finite objectives count as not fitted."""
-    scale = b.pow(2).sum(dim=1).to(f.device).clamp_min(torch.finfo(f.dtype).tiny)
-    return ~(2 * f <= rtol * scale)
+    return ~(f <= fit_line(b, rtol).to(f.device))
 
 
 @dataclass(frozen=True)

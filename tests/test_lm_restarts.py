@@ -30,6 +30,7 @@ from surfing.solvers import (
     MISS_RTOL,
     RESCUE_MARGIN,
     StageRule,
+    fit_line,
     lm_restarts,
     not_fitted,
     restart_latents,
@@ -57,7 +58,7 @@ def plain_lm(G: torch.nn.Module, x: torch.Tensor, b: torch.Tensor, A=None) -> LM
     rule = StageRule()
     return levenberg_marquardt(
         G, x, b, A, max_iters=rule.lm_iters, xtol=rule.lm_xtol, radius=rule.radius(x.shape[1]),
-        stall=rule.lm_stall, stall_above=0.5 * MISS_RTOL * b.pow(2).sum(dim=1),
+        stall=rule.lm_stall, stall_above=fit_line(b, MISS_RTOL),
     )
 
 

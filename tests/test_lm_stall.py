@@ -11,22 +11,17 @@ from __future__ import annotations
 import torch
 
 from surfing.lm import levenberg_marquardt
-from surfing.solvers import StageRule, lm_restarts, not_fitted
+from surfing.solvers import StageRule, fit_line, lm_restarts, not_fitted
 from tests.test_lm_restarts import X_STAR, at_x_star, two_basins
 
 RTOL = 1e-4
-
-
-def fitted_line(b: torch.Tensor) -> torch.Tensor:
-    """The objective below which not_fitted(f, b, RTOL) is False."""
-    return 0.5 * RTOL * b.pow(2).sum(dim=1)
 
 
 def test_only_targets_that_do_not_fit_stop_early() -> None:
     G, b, x_init = two_basins(48)
     plain = levenberg_marquardt(G, x_init, b, None, max_iters=40)
     stalled = levenberg_marquardt(
-        G, x_init, b, None, max_iters=40, stall=0.01, stall_above=fitted_line(b)
+        G, x_init, b, None, max_iters=40, stall=0.01, stall_above=fit_line(b, RTOL)
     )
     fits = ~not_fitted(plain.objective, b, RTOL)
     assert fits.any() and (~fits).any()
