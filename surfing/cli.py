@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how to surf (default {DEFAULT_SCHEDULE}: LM on the final network and restarts, "
         "the trajectory only for a miss; 'paper' = fixed Adam steps per checkpoint)",
     )
+    i.add_argument(
+        "--restarts",
+        type=int,
+        metavar="R",
+        help="restart rounds on the final network: schedule portfolio's first phase and "
+        "--method lm-restarts (default as the service: portfolio 2, or 20 when m <= 3k; "
+        "lm-restarts 3)",
+    )
     i.add_argument("--steps", type=int, default=20, help="Adam steps (cap) per surfing stage")
     i.add_argument("--final-steps", type=int, default=1000, help="Adam steps on the last network")
     i.add_argument("--direct-steps", type=int, default=2000, help="Adam steps for --method adam")

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
     from surfing.images import to_png
     from surfing.latents import sample_latents
     from surfing.measure import gaussian_matrix, measure
-    from surfing.solvers import direct, lm_restarts, resolve_schedule, surf
+    from surfing.solvers import LM_RESTART_ROUNDS, direct, lm_restarts, resolve_schedule, surf
     from surfing.trajectory import final_generator, generators
 
     manifest = find_manifest(store, args.model, args.models_dir)
@@ -144,10 +144,15 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
     b = measure(y, A)
     x0 = sample_latents(1, manifest.latent_dim, args.seed, manifest.latent_prior)
     show = not args.no_progress
+    if args.restarts is not None and args.restarts < 0:
+        raise ValueError("--restarts takes R >= 0")
+    schedule = resolve_schedule(args.schedule, A, manifest.latent_dim)
+    portfolio = args.method in ("surf", "both") and schedule == "portfolio"
+    if args.restarts is not None and not (portfolio or args.method == "lm-restarts"):
+        raise ValueError("--restarts applies to schedule portfolio and --method lm-restarts")
     results = {}
     if args.method in ("surf", "both"):
         stages = generators(store, args.model, stride=args.stride)
-        schedule = resolve_schedule(args.schedule, A, manifest.latent_dim)
         if show and schedule == "portfolio":
             print(
                 f"invert: Levenberg-Marquardt on the final network of {args.model}, then "
@@ -164,6 +169,7 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
             results["surf"] = surf(
                 stages, b, x0, A, steps=args.steps, lr=args.lr, final_steps=args.final_steps,
                 schedule=args.schedule, prior=manifest.latent_prior, progress=bars,
+                rounds=args.restarts,  # None: surfing.portfolio.portfolio_rounds
             )
         finally:
             bars.close()
@@ -173,7 +179,10 @@ def run(args: argparse.Namespace, store: ModelStore) -> None:
             results["adam"] = direct(G, b, x0, A, steps=args.direct_steps, lr=args.lr)
     if args.method == "lm-restarts":
         prior = manifest.latent_prior
-        results["lm-restarts"] = lm_restarts(G, b, x0, A, seed=args.seed, prior=prior)
+        rounds = LM_RESTART_ROUNDS if args.restarts is None else args.restarts
+        results["lm-restarts"] = lm_restarts(
+            G, b, x0, A, rounds=rounds, seed=args.seed, prior=prior
+        )
     suffix = ".recon.png" if picture else ".recon.npy"
     out = Path(args.out or Path(args.image).with_suffix("").as_posix() + suffix)
     for name, res in results.items():

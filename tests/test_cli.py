@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from surfing.cli import main
+from surfing.cli_invert import load_target
 from surfing.images import load_png, to_png
+from surfing.latents import sample_latents
+from surfing.lm import levenberg_marquardt
 from surfing.portfolio import PORTFOLIO_ROUNDS
+from surfing.solvers import MISS_RTOL, StageRule, fit_line
 from surfing.trajectory import final_generator
 from tests.helpers import interpolated_trajectory
 
@@ -167,6 +171,31 @@ def test_invert_default_shows_the_passes_on_g_t_then_the_surf(tiny_store, tmp_pa
         assert f"{name}: 100%" in err and f"{total}/{total}" in err
     steps = [s["step"] for s in report["stages"]]
     assert steps[: len(on_g_t)] == [steps[-1]] * len(on_g_t)  # the passes on G_T name its step
+
+
+def test_invert_restarts_sets_the_rounds_on_g_t(tiny_store, tmp_path, capsys) -> None:
+    to_png(torch.rand(1, 28, 28), tmp_path / "t.png")  # off the range: every round runs
+    common = ("--steps", "2", "--final-steps", "3", "--no-progress")
+    _invert(tiny_store.root, tmp_path / "t.png", "--restarts", "1", *common)
+    passes = [s["pass"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert passes == ["final", "restart 1"] + ["surf"] * 4 + ["rescue 1"] * 4
+    _invert(tiny_store.root, tmp_path / "t.png", "--method", "lm-restarts", "--restarts", "0",
+            *common)  # fmt: skip
+    solo = json.loads(capsys.readouterr().out)
+    G = final_generator(tiny_store, "tiny")
+    y = load_target(str(tmp_path / "t.png"), [1, 28, 28], [0.0, 1.0])
+    x0 = sample_latents(1, G.latent_dim, 0, "uniform")
+    rule, b = StageRule(), y.flatten(1)
+    lm = levenberg_marquardt(G, x0, b, None, max_iters=rule.lm_iters, xtol=rule.lm_xtol,
+                             radius=rule.radius(G.latent_dim), stall=rule.lm_stall,
+                             stall_above=fit_line(b, MISS_RTOL))  # fmt: skip
+    assert solo["latent"] == [round(v, 6) for v in lm.x[0].tolist()]  # no restart: LM alone
+    assert solo["generator_evals"] == round(float(lm.evals[0]))  # ... and no restart's cost
+    for bad in (["--method", "adam", "--restarts", "1"], ["--restarts", "-1"],
+                ["--schedule", "paper", "--restarts", "1"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            _invert(tiny_store.root, tmp_path / "t.png", *bad, *common)
+        assert exc.value.code == 2 and "--restarts" in capsys.readouterr().err
 
 
 def test_invert_scale_writes_target_reconstruction_difference(tiny_store, tmp_path, capsys):
