@@ -40,7 +40,7 @@ def solve(
     args: argparse.Namespace,
 ) -> tuple[torch.Tensor, float, torch.Tensor, float]:
     """(x_T, evals per target, largest ||x|| along each target's path, seconds), in batches."""
-    schedule, rule, _, _ = parse_variant(variant, StageRule())
+    schedule, rule, *_ = parse_variant(variant, StageRule())
     xs, evals, peaks = [], 0.0, []
     t0 = time.perf_counter()
     for lo in range(0, b.shape[0], args.batch):

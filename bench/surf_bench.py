@@ -13,6 +13,8 @@ A variant is a schedule name, optionally with StageRule overrides after a colon,
 can be measured one by one in the same run, e.g. `lm-stride:skip_xtol=0.01,reuse_max=0` or
 `lm:rescue_rtol=none` (no rescue pass);
 `portfolio:readers=0` reads each checkpoint in the solver's thread when due (no reader thread);
+`portfolio:chain=0` computes every Jacobian with torch.func instead of along the generator's
+layer chain (surfing.dual; the baseline rows use the chain: Adam has no Jacobian, LM rows do);
 `paper:graphs=1` runs the paper schedule's Adam steps as a replayed CUDA graph
 (surfing.graphs), and `--graphs` adds the graphed direct-Adam baseline as a row.
 `--tf32 off` turns TF32 off for cuDNN convolutions and matmuls (a GPU's default keeps it on for
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+import surfing.lm
 from models_store import ModelStore, default_store_root
 from models_store.reading import is_sealed
 from surfing.lm import CHORD, CHORD_THEN_FRESH, FRESH, SKIP, levenberg_marquardt
@@ -139,18 +142,21 @@ class Row:
 PROBE_STEPS = 60
 
 
-def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool, int | None]:
+def parse_variant(
+    spec: str, base: StageRule
+) -> tuple[str, StageRule, bool, int | None, bool]:
     """'schedule[:field=value,...]' -> (schedule, StageRule with those fields overridden,
     whether to use CUDA graphs: the pseudo-field `graphs`, the stream's reader threads: the
     pseudo-field `readers`, 0 = read each checkpoint in the solver's thread when due, None =
-    surfing.trajectory.Generators' default)."""
+    surfing.trajectory.Generators' default, whether Jacobians go along the generator's layer
+    chain: the pseudo-field `chain`, 0 = torch.func for every Jacobian, surfing.lm.LAYER_CHAIN)."""
     name, _, opts = spec.partition(":")
     types = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(StageRule)}
     types["rescue_rtol"] = float  # optional: "none" turns the rescue off
     types["head_steps"] = int  # optional: "none" = the call's steps
     types["latent_radius"] = float  # optional: "none" = unbounded
     changes: dict[str, object] = {}
-    graphs, readers = False, None
+    graphs, readers, chain = False, None, True
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key == "graphs":
@@ -158,6 +164,9 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool, int
             continue
         if key == "readers":
             readers = int(value)
+            continue
+        if key == "chain":
+            chain = value.lower() in ("1", "true", "yes")
             continue
         if key not in types:
             raise SystemExit(f"unknown StageRule field {key!r} in variant {spec!r}")
@@ -168,7 +177,7 @@ def parse_variant(spec: str, base: StageRule) -> tuple[str, StageRule, bool, int
             changes[key] = value.lower() in ("1", "true", "yes")
         else:
             changes[key] = kind(value)
-    return name, dataclasses.replace(base, **changes), graphs, readers
+    return name, dataclasses.replace(base, **changes), graphs, readers, chain
 
 
 def action_shares(res: SolveResult) -> str:
@@ -222,6 +231,7 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
         return float((res.x - x_star).norm(dim=1).median())
 
     rows: list[tuple[Row, float]] = []
+    surfing.lm.LAYER_CHAIN = True  # the rows before the variants (a `chain=0` row changes it)
     # Warm-up: a short LM solve, then a probe. After LM's large tensors the same process runs
     # Adam 15-30 % faster (docs/performance.md, session 12); without it the baseline, always the
     # first row, ran in a colder process than every row after it.
@@ -276,7 +286,8 @@ def run_operator(args: argparse.Namespace, store: ModelStore, m: int | None, pea
             if model_id != args.model and variant not in args.compressed_variants:
                 continue
             base_rule = StageRule(lm_stage_iters=args.lm_stage_iters or StageRule.lm_stage_iters)
-            schedule, rule, graphs, readers = parse_variant(variant, base_rule)
+            schedule, rule, graphs, readers, chain = parse_variant(variant, base_rule)
+            surfing.lm.LAYER_CHAIN = chain  # this row's Jacobians (every row sets it)
             # a fresh store per row, as a new process: it hashes every file it reads once,
             # except files sealed by an earlier verification (--no-seals: every file)
             fresh = ModelStore(store.root, seals=not args.no_seals)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
+from surfing.dual import chain, chain_jacobian
+
 
 def residual(
     G: nn.Module, x: torch.Tensor, b: torch.Tensor, A: torch.Tensor | None
@@ -53,6 +55,11 @@ def into_ball(x: torch.Tensor, radius: float | None) -> torch.Tensor:
     return x * (radius / norm.clamp_min(radius))
 
 
+# Jacobians of a generator that declares its layer chain go through surfing.dual (one pass over
+# B(k + 1) rows, about half the time of torch.func's jvp on a CPU: docs/performance.md,
+# "Session 14"); False sends every generator through torch.func (bench/jacobian_bench.py).
+LAYER_CHAIN = True
+
 # On a CPU the tangent passes of ~25 targets (k = 10: ~275 rows) fit the caches; one pass over
 # all of them at 100 targets (1,100 rows) ran ~15 % slower per row. A GPU wants big batches.
 CPU_JACOBIAN_ROWS = 256
@@ -63,25 +70,31 @@ def jacobian(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A G(x) of shape (B, m), its Jacobian A ∂G/∂x of shape (B, m, k)).
 
-    Forward mode: the k unit tangents are vmapped over one batched jvp, so the primal pass is
-    shared and the tangent passes run as one big batch (eval-mode batch norm is per-sample).
-    On a CPU the targets go through in chunks of about CPU_JACOBIAN_ROWS rows.
+    Forward mode: a generator with a layer chain pushes the latents and their k unit tangents
+    through it as one batch (surfing.dual); any other has the k tangents vmapped over one
+    batched jvp, so the primal pass is shared and the tangent passes run as one big batch
+    (eval-mode batch norm is per-sample). On a CPU the targets go through in chunks of about
+    CPU_JACOBIAN_ROWS rows.
     """
     k = x.shape[1]
     chunk = max(1, CPU_JACOBIAN_ROWS // (k + 1))
     if x.device.type == "cpu" and x.shape[0] > chunk:
         parts = [jacobian(G, x[i : i + chunk], A) for i in range(0, x.shape[0], chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
+    layers = chain(G) if LAYER_CHAIN else None
+    if layers is not None:
+        out, J = chain_jacobian(layers, x)
+    else:
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
 
-    def flat(z: torch.Tensor) -> torch.Tensor:
-        return G(z).flatten(1)
+        def flat(z: torch.Tensor) -> torch.Tensor:
+            return G(z).flatten(1)
 
-    def along(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return jvp(flat, (x,), (e.expand_as(x),))
+        def along(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(flat, (x,), (e.expand_as(x),))
 
-    out, tangents = vmap(along, out_dims=(None, 0))(eye)  # tangents: (k, B, n)
-    J = tangents.permute(1, 2, 0)  # (B, n, k)
+        out, tangents = vmap(along, out_dims=(None, 0))(eye)  # tangents: (k, B, n)
+        J = tangents.permute(1, 2, 0)  # (B, n, k)
     if A is not None:
         out = out @ A.T
         J = A @ J  # (m, n) @ (B, n, k) -> (B, m, k)

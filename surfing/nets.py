@@ -43,6 +43,10 @@ class InfoGANGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.fc(z).view(-1, self.c1, 7, 7))
 
+    def layer_chain(self) -> list[nn.Module]:
+        """forward as a chain of layers (surfing.dual computes Jacobians along it)."""
+        return [*self.fc, nn.Unflatten(1, (self.c1, 7, 7)), *self.deconv]
+
 
 CONV_CHANNELS = (1, 3)
 CONV_SIZES = (8, 16, 28, 32, 64)
@@ -88,6 +92,10 @@ class ConvGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.fc(z).view(-1, self.c0, self.base, self.base))
+
+    def layer_chain(self) -> list[nn.Module]:
+        """forward as a chain of layers (surfing.dual computes Jacobians along it)."""
+        return [*self.fc, nn.Unflatten(1, (self.c0, self.base, self.base)), *self.deconv]
 
 
 class ConvTrunk(nn.Module):
@@ -179,6 +187,10 @@ class ExpansiveReLUNet(nn.Module):
         for layer in self.layers:
             x = torch.relu(layer(x))
         return self.V(x)
+
+    def layer_chain(self) -> list[nn.Module]:
+        """forward as a chain of layers (surfing.dual computes Jacobians along it)."""
+        return [m for layer in self.layers for m in (layer, nn.ReLU())] + [self.V]
 
 
 def count_parameters(module: nn.Module) -> int:
