@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import surfing.lm
 from models_store import ModelStore
 from surfing.measure import gaussian_matrix
 from surfing.nets import InfoGANGenerator
@@ -62,8 +63,17 @@ class Evaluations:
 
 
 @pytest.fixture
-def evaluations() -> Iterator[Evaluations]:
+def evaluations(monkeypatch: pytest.MonkeyPatch) -> Iterator[Evaluations]:
     rec = Evaluations()
+    along_chain = surfing.lm.chain_jacobian
+
+    def seen(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Jacobian along the layer chain does not call G.forward: record it here, tagged by
+        the weights of the layers it was handed."""
+        rec.passes.append((checkpoint_tag(nn.ModuleList(layers)), int(x.shape[0])))
+        return along_chain(layers, x)
+
+    monkeypatch.setattr(surfing.lm, "chain_jacobian", seen)
     handle = nn.modules.module.register_module_forward_hook(rec.hook)
     try:
         yield rec
@@ -107,6 +117,21 @@ def test_the_stream_hands_each_checkpoint_its_own_weights(store: ModelStore) -> 
     assert [checkpoint_tag(G) for _, _, G in held] == [i for i, _, _ in held] == [0, 2, 4, 6]
     assert len({id(G) for _, _, G in held}) == len(held)
     assert checkpoint_tag(final_generator(store, "tagged")) == N_CKPT - 1
+
+
+def test_a_hook_on_one_streamed_network_stays_on_it(store: ModelStore) -> None:
+    """Streamed networks are copies of one template: a hook the worker registers on one of
+    them must not fire for any other, and each holds its own weights."""
+    held = list(generators(store, "tagged"))
+    calls: list[int] = []
+    held[2][2].register_forward_hook(lambda m, _i, _o: calls.append(checkpoint_tag(m)))
+    with torch.no_grad():
+        for _, _, G in held:
+            G(uniform_latents(2, 3, seed=0))
+    assert calls == [2]
+    weights = [G.get_parameter("fc.0.weight") for _, _, G in held]
+    assert len({w.data_ptr() for w in weights}) == len(held)
+    assert all(not w.requires_grad and not w.is_meta for w in weights)
 
 
 def test_a_warm_cache_serves_each_checkpoint_its_own_weights(store: ModelStore) -> None:
