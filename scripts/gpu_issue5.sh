@@ -5,8 +5,9 @@
 #   2. bench/gpu_bench.py alone: one Adam step eager vs. graphed (the library's GraphedAdam);
 #   3. bench/surf_bench.py, TF32 at PyTorch's default (cuDNN convolutions on TF32): A = I and
 #      m = 50, rows paper / paper graphed / auto (= lm-stride with its rescue pass, no graph
-#      path) / lm / lm graphed plus the graphed baseline, and the I/O share after session 3's
-#      streaming rebuild; then batching (one 300-target pass vs. one-target jobs, default);
+#      path) / lm / lm graphed / portfolio (the default) / portfolio with torch.func Jacobians
+#      (chain=0: what the layer chain of session 14 does on a GPU) plus the graphed baseline, and
+#      the I/O share after session 3's streaming rebuild; then batching (one 300-target pass vs. one-target jobs, default);
 #   4. the same A = I rows with TF32 off: the "median dist" column answers whether TF32 is why
 #      GPU solutions sit ~1000x farther from x* than CPU ones (3.5e-4 vs 5.3e-7).
 # Writes logs under $RESULTS (default out/gpu5, git-ignored); TARBALL=path packs them into one
@@ -73,7 +74,8 @@ if [ "$DEVICE" = cuda ]; then
         stamp "gpu_bench done"
 fi
 step surf_bench.txt python3 bench/surf_bench.py --device "$DEVICE" --model dcgan-k10 \
-    --targets "$TARGETS" --m 0 50 --variants paper paper:graphs=1 auto lm lm:graphs=1 --graphs &&
+    --targets "$TARGETS" --m 0 50 --variants paper paper:graphs=1 auto lm lm:graphs=1 \
+    portfolio portfolio:chain=0 --graphs &&
     stamp "surf_bench (TF32 default) done"
 step batching.txt python3 bench/surf_bench.py --device "$DEVICE" \
     --model dcgan-k10 --skip-operators --batch-targets "$TARGETS" --single-jobs "$SINGLES" &&
