@@ -56,7 +56,7 @@ def into_ball(x: torch.Tensor, radius: float | None) -> torch.Tensor:
 
 
 # Jacobians of a generator that declares its layer chain go through surfing.dual (one pass over
-# B(k + 1) rows, about half the time of torch.func's jvp on a CPU: docs/performance.md,
+# B(k + 1) rows, 0.5-0.7x the time of torch.func's jvp on a CPU: docs/performance.md,
 # "Session 14"); False sends every generator through torch.func (bench/jacobian_bench.py).
 LAYER_CHAIN = True
 
